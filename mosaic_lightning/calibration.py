@@ -1,0 +1,145 @@
+"""Layer-streamed calibration: run calibration batches through one decoder block at a time.
+
+Only the hidden states entering the current block are held (one tensor per batch), so peak memory is one
+block plus its activations, never the whole model's. The block's own keyword arguments (attention mask,
+rotary embeddings, ...) are captured once from the real model forward, which keeps this architecture-generic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .stats import InputStatistics, NonFiniteActivationError
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass early once everything needed has been seen."""
+
+
+@dataclass
+class BlockInputs:
+    """What one block receives for every calibration batch: hidden states plus its other arguments."""
+
+    hidden: list[torch.Tensor]
+    args: list[tuple]
+    kwargs: list[dict]
+
+    @property
+    def tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: Iterable[torch.Tensor]) -> BlockInputs:
+    """Run the model up to its first block for each batch of ``input_ids`` and keep the block's inputs."""
+    captured = BlockInputs([], [], [])
+
+    def grab(_module, args, kwargs):
+        if args:
+            hidden, rest = args[0], tuple(args[1:])
+        else:
+            kwargs = dict(kwargs)
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        captured.hidden.append(hidden)
+        captured.args.append(rest)
+        captured.kwargs.append(dict(kwargs))
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
+    device = next(first_block.parameters()).device
+    try:
+        for input_ids in batches:
+            try:
+                model(input_ids=input_ids.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    if not captured.hidden:
+        raise ValueError("calibration set is empty: calibration_batches/dataloader yielded no batch")
+    for h in captured.hidden:
+        if not torch.isfinite(h).all():
+            raise NonFiniteActivationError("embeddings of the calibration batches contain NaN or inf")
+    return captured
+
+
+def _first_output(out):
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+    """The block's output hidden states for every batch."""
+    return [
+        _first_output(block(h, *a, **k)) for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True)
+    ]
+
+
+@torch.no_grad()
+def collect_statistics(
+    block: nn.Module,
+    modules: Sequence[tuple[str, nn.Module]],
+    inputs: BlockInputs,
+    hessian: bool,
+    keep_outputs: bool = False,
+) -> tuple[dict[int, InputStatistics], list[torch.Tensor] | None]:
+    """Statistics of the inputs of ``modules`` (keyed by ``id(module)``) from one pass over the block.
+
+    Without ``keep_outputs`` the pass stops right after the last module's inputs are seen: its matmul and
+    the rest of the block are not needed for statistics. With it, the block's outputs are returned too.
+    """
+    stats = {}
+    handles = []
+    for name, module in modules:
+        entry = InputStatistics(name, _in_features(module), hessian, device=module.weight.device)
+        stats[id(module)] = entry
+        handles.append(module.register_forward_pre_hook(_recorder(entry)))
+    if not keep_outputs:
+        handles.append(modules[-1][1].register_forward_pre_hook(_stop))
+    outputs = []
+    try:
+        for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True):
+            try:
+                outputs.append(_first_output(block(h, *a, **k)))
+            except _StopForward:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats, (outputs if keep_outputs else None)
+
+
+def _in_features(module: nn.Module) -> int:
+    # GPT-2's Conv1D stores its weight as [in, out].
+    return module.weight.shape[0] if type(module).__name__ == "Conv1D" else module.weight.shape[1]
+
+
+def _recorder(entry: InputStatistics) -> Callable:
+    def hook(_module, args):
+        entry.update(args[0])
+
+    return hook
+
+
+def _stop(_module, _args):
+    raise _StopForward
+
+
+@contextmanager
+def swapped_weights(new_weights: dict[nn.Parameter, torch.Tensor]):
+    """Temporarily replace parameter values (to run a block as pruned) and restore the originals after."""
+    saved = {p: p.data.clone() for p in new_weights}
+    try:
+        with torch.no_grad():
+            for p, value in new_weights.items():
+                p.data.copy_(value)
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in saved.items():
+                p.data.copy_(value)

@@ -1,0 +1,84 @@
+"""Pruning configuration, validated as a whole before any weight is touched."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .allocation import ALLOCATIONS, Allocation, build_allocation
+from .methods import METHODS, PruningMethod, build_method
+from .patterns import Pattern, parse_pattern
+
+
+@dataclass
+class PruningConfig:
+    """What to prune and how. Every field is checked in ``__post_init__`` with an error naming it.
+
+    Args:
+        sparsity: fraction of the targeted projections' weights to prune, parameter-weighted, in [0, 1).
+        method: which weights go: ``magnitude``, ``wanda`` or ``sparsegpt``.
+        allocation: how much each projection is pruned: ``uniform``, ``owl`` (per layer) or ``mosaic`` (POD,
+            per projection).
+        pattern: ``unstructured`` (compared per output row), ``unstructured-layer`` or ``N:M`` (e.g. ``2:4``).
+        targets: projections to prune, by short name (q,k,v,o,gate,up,down) or module-name regex; None = all.
+        exclude: projections to leave dense, same syntax.
+        min_sparsity, max_sparsity: bounds on any one projection's sparsity under non-uniform allocation.
+        outlier_threshold: a score is an outlier above this multiple of its group's mean (OWL's M, Mosaic's alpha).
+        owl_lambda: spread of the outlier-weighted allocation: sparsities vary within target +- lambda.
+        sparsegpt_blocksize, sparsegpt_damp: SparseGPT's column block size and relative Hessian damping.
+    """
+
+    sparsity: float = 0.5
+    method: str = "wanda"
+    allocation: str = "uniform"
+    pattern: str = "unstructured"
+    targets: list[str] | None = None
+    exclude: list[str] = field(default_factory=list)
+    min_sparsity: float = 0.0
+    max_sparsity: float = 0.99
+    outlier_threshold: float = 5.0
+    owl_lambda: float = 0.08
+    sparsegpt_blocksize: int = 128
+    sparsegpt_damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, int | float):
+            raise TypeError(f"sparsity={self.sparsity!r}; must be a number in [0, 1)")
+        if not 0 <= self.sparsity < 1:
+            raise ValueError(f"sparsity={self.sparsity}; allowed values: 0 <= sparsity < 1")
+        if not 0 <= self.min_sparsity <= self.max_sparsity < 1:
+            raise ValueError(
+                f"min_sparsity={self.min_sparsity}, max_sparsity={self.max_sparsity}; "
+                "need 0 <= min_sparsity <= max_sparsity < 1"
+            )
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}; allowed values: {sorted(METHODS)}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation={self.allocation!r}; allowed values: {sorted(ALLOCATIONS)}")
+        pattern = self.build_pattern()
+        fixed = pattern.fixed_sparsity
+        if fixed is not None:
+            if abs(self.sparsity - fixed) > 1e-9:
+                raise ValueError(f"pattern={self.pattern!r} fixes sparsity at {fixed}; set sparsity={fixed}")
+            if self.allocation != "uniform":
+                raise ValueError(
+                    f"allocation={self.allocation!r} gives each projection its own sparsity, which "
+                    f"pattern={self.pattern!r} (fixed at {fixed}) cannot take; use allocation='uniform' or an "
+                    "unstructured pattern"
+                )
+        self.build_method()
+        self.build_allocation()
+
+    def build_method(self) -> PruningMethod:
+        options = {}
+        if self.method == "sparsegpt":
+            options = {"blocksize": self.sparsegpt_blocksize, "damp": self.sparsegpt_damp}
+        return build_method(self.method, **options)
+
+    def build_allocation(self) -> Allocation:
+        return build_allocation(self.allocation, threshold=self.outlier_threshold, lam=self.owl_lambda)
+
+    def build_pattern(self) -> Pattern:
+        return parse_pattern(self.pattern)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

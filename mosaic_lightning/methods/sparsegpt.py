@@ -1,0 +1,93 @@
+"""SparseGPT (Frantar & Alistarh, 2023): OBS-style pruning that updates the kept weights to cancel the error.
+
+Columns are walked in blocks; in each block the mask is chosen by ``w^2 / [H^-1]_jj^2`` (lazily per group of
+M columns for N:M, as in the reference implementation), and each pruned column's error is spread over the
+columns not yet visited through the inverse-Hessian's Cholesky factor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..patterns import NM, Pattern
+from ..stats import InputStatistics
+from .base import PruneResult, PruningMethod
+from .wanda import wanda_scores
+
+
+def split_exact(total: int, weights: list[int]) -> list[int]:
+    """Split ``total`` into integers proportional to ``weights`` that sum exactly to ``total``."""
+    whole = sum(weights)
+    raw = [total * w / whole for w in weights]
+    parts = [int(r) for r in raw]
+    by_remainder = sorted(range(len(raw)), key=lambda i: raw[i] - parts[i], reverse=True)
+    for i in by_remainder[: total - sum(parts)]:
+        parts[i] += 1
+    return parts
+
+
+def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of ``(H + damp*mean(diag H)*I)^-1``, and the mask of dead (never active) inputs."""
+    h = hessian.clone().float()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], device=h.device)
+    h_inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(h_inv, upper=True), dead
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, num_prune: int, blocksize: int, damp: float
+) -> PruneResult:
+    w = weight.detach().clone().float()
+    rows, cols = w.shape
+    h_inv, dead = inverse_hessian_cholesky(hessian, damp)
+    w[:, dead] = 0
+    keep = torch.ones_like(w, dtype=torch.bool)
+    starts = list(range(0, cols, blocksize))
+    widths = [min(blocksize, cols - s) for s in starts]
+    block_prunes = split_exact(num_prune, widths) if not isinstance(pattern, NM) else None
+    for b, (i1, width) in enumerate(zip(starts, widths, strict=True)):
+        i2 = i1 + width
+        w1 = w[:, i1:i2].clone()
+        q1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        h1 = h_inv[i1:i2, i1:i2]
+        d = torch.diag(h1)
+        if block_prunes is not None:
+            keep[:, i1:i2] = pattern.keep_mask(w1**2 / d[None, :] ** 2, block_prunes[b])
+        for i in range(width):
+            if isinstance(pattern, NM) and i % pattern.m == 0:
+                group = slice(i, i + pattern.m)
+                scores = w1[:, group] ** 2 / d[None, group] ** 2
+                keep[:, i1 + i : i1 + i + pattern.m] = pattern.keep_mask(scores, rows * (pattern.m - pattern.n))
+            col = w1[:, i]
+            q = torch.where(keep[:, i1 + i], col, torch.zeros_like(col))
+            q1[:, i] = q
+            e = (col - q) / h1[i, i]
+            w1[:, i:] -= e[:, None] @ h1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i1:i2] = q1
+        w[:, i2:] -= err1 @ h_inv[i1:i2, i2:]
+    return PruneResult(keep=keep, weight=w.to(weight.dtype))
+
+
+class SparseGPT(PruningMethod):
+    name = "sparsegpt"
+    needs_hessian = True
+
+    def __init__(self, blocksize: int = 128, damp: float = 0.01) -> None:
+        if blocksize < 1:
+            raise ValueError(f"sparsegpt blocksize={blocksize}; must be a positive integer")
+        if not 0 < damp < 1:
+            raise ValueError(f"sparsegpt damp={damp}; allowed values: 0 < damp < 1")
+        self.blocksize, self.damp = blocksize, damp
+
+    def scores(self, weight: torch.Tensor, stats: InputStatistics) -> torch.Tensor:
+        # Outlier profiles (OWL, Mosaic POD) use Wanda scores for every method, as OWL-SparseGPT does.
+        return wanda_scores(weight, stats.column_norms)
+
+    def prune(self, weight: torch.Tensor, stats: InputStatistics, pattern: Pattern, num_prune: int) -> PruneResult:
+        if isinstance(pattern, NM) and self.blocksize % pattern.m:
+            raise ValueError(f"sparsegpt blocksize={self.blocksize} must be a multiple of M={pattern.m}")
+        return sparsegpt_prune(weight, stats.hessian, pattern, num_prune, self.blocksize, self.damp)

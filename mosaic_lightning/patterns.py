@@ -1,0 +1,112 @@
+"""Sparsity patterns: *what shape* the pruned set takes, given scores (lower = prune first).
+
+Each pattern turns a score matrix ``[out, in]`` and an exact number of weights to prune into a keep mask.
+Working in exact counts, not fractions, is what lets the achieved sparsity equal the requested one.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+
+import torch
+
+
+class Pattern(ABC):
+    """Chooses which weights to prune from a score matrix."""
+
+    name: str
+
+    @property
+    def fixed_sparsity(self) -> float | None:
+        """Sparsity the pattern imposes (N:M), or None when any sparsity is possible."""
+        return None
+
+    def check_shape(self, in_features: int, where: str) -> None:
+        """Raise a clear error when a projection's shape cannot take this pattern."""
+
+    @abstractmethod
+    def keep_mask(self, scores: torch.Tensor, num_prune: int) -> torch.Tensor:
+        """Bool mask, True = keep, with exactly ``num_prune`` False entries."""
+
+
+class Unstructured(Pattern):
+    """Prune the lowest scores, compared within each output row (as Wanda does) or over the whole layer."""
+
+    def __init__(self, scope: str = "row") -> None:
+        if scope not in ("row", "layer"):
+            raise ValueError(f"unstructured scope={scope!r}; allowed values: 'row', 'layer'")
+        self.scope = scope
+        self.name = "unstructured" if scope == "row" else "unstructured-layer"
+
+    def keep_mask(self, scores: torch.Tensor, num_prune: int) -> torch.Tensor:
+        if not 0 <= num_prune <= scores.numel():
+            raise ValueError(f"num_prune={num_prune} outside [0, {scores.numel()}]")
+        keep = torch.ones_like(scores, dtype=torch.bool)
+        if num_prune == 0:
+            return keep
+        if self.scope == "layer":
+            idx = torch.topk(scores.flatten(), num_prune, largest=False).indices
+            keep.view(-1)[idx] = False
+            return keep
+        return _row_keep_mask(scores, num_prune)
+
+
+def _row_keep_mask(scores: torch.Tensor, num_prune: int) -> torch.Tensor:
+    """Prune ``num_prune // rows`` per row; the remainder goes to the rows whose next candidate scores lowest."""
+    rows, cols = scores.shape
+    per_row, extra = divmod(num_prune, rows)
+    order = torch.sort(scores, dim=1, stable=True).indices
+    counts = torch.full((rows,), per_row, dtype=torch.long, device=scores.device)
+    if extra:
+        next_candidate = scores.gather(1, order[:, per_row : per_row + 1]).squeeze(1)
+        counts[torch.topk(next_candidate, extra, largest=False).indices] += 1
+    prune_sorted = torch.arange(cols, device=scores.device)[None, :] < counts[:, None]
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    keep.scatter_(1, order, ~prune_sorted)
+    return keep
+
+
+class NM(Pattern):
+    """Keep ``n`` of every ``m`` consecutive input weights of a row (2:4 runs on sparse tensor cores)."""
+
+    def __init__(self, n: int, m: int) -> None:
+        if not (0 < n < m):
+            raise ValueError(f"N:M pattern {n}:{m} needs 0 < N < M")
+        self.n, self.m = n, m
+        self.name = f"{n}:{m}"
+
+    @property
+    def fixed_sparsity(self) -> float:
+        return 1 - self.n / self.m
+
+    def check_shape(self, in_features: int, where: str) -> None:
+        if in_features % self.m:
+            raise ValueError(
+                f"pattern={self.name!r}: M={self.m} does not divide the input width {in_features} of {where}; "
+                f"choose M from the divisors of {in_features} (e.g. 2:4 or 4:8 where they divide)"
+            )
+
+    def keep_mask(self, scores: torch.Tensor, num_prune: int) -> torch.Tensor:
+        rows, cols = scores.shape
+        self.check_shape(cols, "this score matrix")
+        expected = rows * cols // self.m * (self.m - self.n)
+        if num_prune != expected:
+            raise ValueError(f"{self.name} prunes exactly {expected} of {rows}x{cols}, not {num_prune}")
+        groups = scores.reshape(rows, cols // self.m, self.m)
+        idx = torch.topk(groups, self.m - self.n, dim=-1, largest=False).indices
+        keep = torch.ones_like(groups, dtype=torch.bool)
+        keep.scatter_(-1, idx, False)
+        return keep.reshape(rows, cols)
+
+
+def parse_pattern(spec: str) -> Pattern:
+    """``"unstructured"`` (per row), ``"unstructured-layer"``, or ``"N:M"`` such as ``"2:4"``."""
+    if spec == "unstructured":
+        return Unstructured("row")
+    if spec == "unstructured-layer":
+        return Unstructured("layer")
+    match = re.fullmatch(r"(\d+):(\d+)", spec)
+    if match:
+        return NM(int(match.group(1)), int(match.group(2)))
+    raise ValueError(f"pattern={spec!r}; allowed values: 'unstructured', 'unstructured-layer', 'N:M' (e.g. '2:4')")

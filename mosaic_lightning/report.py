@@ -1,0 +1,119 @@
+"""Pruning report: per-projection requested/achieved sparsity, outliers and time; totals; table; heat map."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass
+class ProjectionReport:
+    key: str
+    layer: int
+    name: str
+    module: str
+    numel: int
+    requested_sparsity: float
+    achieved_sparsity: float
+    outlier_ratio: float | None
+    seconds: float
+
+
+@dataclass
+class PruningReport:
+    config: dict
+    projections: list[ProjectionReport] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    calibration: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    peak_memory_mb: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def params_targeted(self) -> int:
+        return sum(p.numel for p in self.projections)
+
+    @property
+    def params_pruned(self) -> int:
+        return sum(round(p.achieved_sparsity * p.numel) for p in self.projections)
+
+    @property
+    def achieved_sparsity(self) -> float:
+        return self.params_pruned / max(self.params_targeted, 1)
+
+    def record_peak_memory(self, phase: str) -> None:
+        """Peak resident memory of this process so far (and CUDA's peak allocation when on a GPU)."""
+        self.peak_memory_mb[f"{phase}_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if torch.cuda.is_available():
+            self.peak_memory_mb[f"{phase}_cuda"] = torch.cuda.max_memory_allocated() / 2**20
+
+    def to_dict(self) -> dict:
+        return {
+            "requested_sparsity": self.config.get("sparsity"),
+            "achieved_sparsity": self.achieved_sparsity,
+            "params_targeted": self.params_targeted,
+            "params_pruned": self.params_pruned,
+            "params_kept": self.params_targeted - self.params_pruned,
+            **self.metrics,
+            "timings_s": self.timings,
+            "peak_memory_mb": self.peak_memory_mb,
+            "calibration": self.calibration,
+            "config": self.config,
+            "projections": [asdict(p) for p in self.projections],
+        }
+
+    def save_json(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as fh:
+            json.dump(self.to_dict(), fh, indent=2)
+
+    def format_table(self) -> str:
+        """Layers x projections table of achieved sparsity (percent), then a summary."""
+        names = list(dict.fromkeys(p.name for p in self.projections))
+        by_key = {(p.layer, p.name): p for p in self.projections}
+        layers = sorted({p.layer for p in self.projections})
+        lines = ["layer " + " ".join(f"{n:>6}" for n in names)]
+        for layer in layers:
+            cells = [by_key.get((layer, n)) for n in names]
+            lines.append(
+                f"{layer:>5} " + " ".join(f"{100 * c.achieved_sparsity:6.2f}" if c else f"{'-':>6}" for c in cells)
+            )
+        lines.append(self.summary())
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        parts = [
+            f"method={self.config.get('method')} allocation={self.config.get('allocation')} "
+            f"pattern={self.config.get('pattern')}",
+            f"requested sparsity {100 * self.config.get('sparsity', 0):.2f}%, achieved "
+            f"{100 * self.achieved_sparsity:.3f}% of {self.params_targeted:,} targeted weights",
+        ]
+        parts += [f"{k} {v:.3f}" for k, v in self.metrics.items()]
+        parts.append("time " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
+        return " | ".join(parts)
+
+    def save_heatmap(self, path: str | os.PathLike) -> None:
+        """PNG heat map of allocated sparsity, layers x projections."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = list(dict.fromkeys(p.name for p in self.projections))
+        layers = sorted({p.layer for p in self.projections})
+        grid = torch.full((len(layers), len(names)), float("nan"))
+        for p in self.projections:
+            grid[layers.index(p.layer), names.index(p.name)] = 100 * p.requested_sparsity
+        fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(names), 1.5 + 0.22 * len(layers)))
+        image = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis")
+        ax.set_xticks(range(len(names)), names)
+        ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+        ax.set_xlabel("projection")
+        ax.set_ylabel("layer")
+        ax.set_title(f"allocated sparsity (%), {self.config.get('allocation')}")
+        fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)

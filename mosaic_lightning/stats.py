@@ -1,0 +1,60 @@
+"""Calibration statistics a projection's inputs produce: column norms (Wanda) and the Hessian (SparseGPT).
+
+Kept as plain sums so that statistics from several batches, or several ranks, combine by addition.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class NonFiniteActivationError(ValueError):
+    """Calibration activations contain NaN or inf: pruning from them would be meaningless."""
+
+
+class InputStatistics:
+    """Running sums over every token that entered one module: ``sum x_j^2`` and optionally ``sum x x^T``."""
+
+    def __init__(self, name: str, in_features: int, hessian: bool, device: torch.device | str = "cpu") -> None:
+        self.name = name
+        self.tokens = 0
+        self.sq_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.xxt = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])
+        if not torch.isfinite(x).all():
+            raise NonFiniteActivationError(
+                f"calibration activations entering {self.name} contain NaN or inf; no weight was changed. "
+                "Check the calibration data and the model dtype (fp16 overflow is a common cause)."
+            )
+        x64 = x.to(self.sq_sum.dtype)
+        self.sq_sum += (x64 * x64).sum(dim=0)
+        if self.xxt is not None:
+            x32 = x.float()
+            self.xxt += x32.t() @ x32
+        self.tokens += x.shape[0]
+
+    @property
+    def column_norms(self) -> torch.Tensor:
+        """``||X_j||_2`` over all calibration tokens, float32."""
+        return self.sq_sum.sqrt().float()
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """``X X^T / tokens`` (the scale does not change SparseGPT's choices; damping is relative)."""
+        if self.xxt is None:
+            raise RuntimeError(f"{self.name}: Hessian was not collected")
+        return self.xxt / max(self.tokens, 1)
+
+    def all_reduce(self) -> None:
+        """Sum statistics over all ranks so every rank derives the same masks from everyone's batches."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        dist.all_reduce(self.sq_sum)
+        if self.xxt is not None:
+            dist.all_reduce(self.xxt)
+        tokens = torch.tensor([self.tokens], dtype=torch.float64, device=self.sq_sum.device)
+        dist.all_reduce(tokens)
+        self.tokens = int(tokens.item())

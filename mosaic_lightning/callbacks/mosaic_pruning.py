@@ -1,0 +1,172 @@
+"""``MosaicPruning``: prune at fit start from calibration batches, then hold the masks through training."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from ..config import PruningConfig
+from ..engine import prune_model
+from ..masks import MaskStore
+from ..report import PruningReport
+
+
+class MosaicPruning(L.Callback):
+    """Mosaic projection pruning (and Wanda, SparseGPT, magnitude, OWL) as a Lightning callback.
+
+    At fit start the model is pruned one-shot from calibration batches (layer-streamed); after every
+    optimizer step the pruned weights are set back to exactly zero and their optimizer moments cleared, so
+    training never regrows them. Masks are saved in and restored from Lightning checkpoints.
+
+    The LightningModule must expose its Hugging Face causal LM as ``.model`` (as :class:`~mosaic_lightning.CausalLM`
+    does) or be one itself.
+
+    Args:
+        sparsity: fraction of targeted projection weights to prune, parameter-weighted, in [0, 1).
+        method: ``wanda``, ``sparsegpt`` or ``magnitude``.
+        allocation: ``mosaic`` (per-projection POD), ``owl`` (per layer) or ``uniform``.
+        pattern: ``unstructured``, ``unstructured-layer`` or ``N:M`` (``2:4``, ``4:8``).
+        targets, exclude: projections by short name (q,k,v,o,gate,up,down) or module-name regex.
+        min_sparsity, max_sparsity: bounds on any projection's sparsity (non-uniform allocations).
+        outlier_threshold, owl_lambda: outlier multiple and spread of OWL / Mosaic POD.
+        sparsegpt_blocksize, sparsegpt_damp: SparseGPT settings.
+        num_calibration_samples: sequences to calibrate on (from the datamodule's ``calibration_batches`` or its
+            train loader). None = the datamodule's own setting, else 128.
+        calibration_dataloader: an explicit iterable of ``input_ids`` tensors or dicts holding them.
+        verbose: print the per-projection table on rank 0.
+    """
+
+    def __init__(
+        self,
+        sparsity: float = 0.5,
+        method: str = "wanda",
+        allocation: str = "mosaic",
+        pattern: str = "unstructured",
+        targets: list[str] | None = None,
+        exclude: list[str] | None = None,
+        min_sparsity: float = 0.0,
+        max_sparsity: float = 0.99,
+        outlier_threshold: float = 5.0,
+        owl_lambda: float = 0.08,
+        sparsegpt_blocksize: int = 128,
+        sparsegpt_damp: float = 0.01,
+        num_calibration_samples: int | None = None,
+        calibration_dataloader: Iterable | None = None,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        self.config = PruningConfig(
+            sparsity=sparsity,
+            method=method,
+            allocation=allocation,
+            pattern=pattern,
+            targets=targets,
+            exclude=list(exclude or []),
+            min_sparsity=min_sparsity,
+            max_sparsity=max_sparsity,
+            outlier_threshold=outlier_threshold,
+            owl_lambda=owl_lambda,
+            sparsegpt_blocksize=sparsegpt_blocksize,
+            sparsegpt_damp=sparsegpt_damp,
+        )
+        if num_calibration_samples is not None and num_calibration_samples < 1:
+            raise ValueError(f"num_calibration_samples={num_calibration_samples}; must be >= 1")
+        self.num_calibration_samples = num_calibration_samples
+        self.calibration_dataloader = calibration_dataloader
+        self.verbose = verbose
+        self.masks: MaskStore | None = None
+        self.report: PruningReport | None = None
+        self._hooks: list = []
+
+    # -- loop events ------------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model = causal_lm(pl_module)
+        if self.masks is not None:  # restored from a checkpoint or pruned in an earlier fit
+            self.masks.apply_(model)
+            return
+        if trainer.ckpt_path is not None:  # masks arrive with the checkpoint (DeepSpeed restores after this)
+            return
+        outcome = prune_model(
+            model, self._calibration_batches(trainer), self.config, progress=self.verbose and trainer.is_global_zero
+        )
+        self.masks, self.report = outcome.masks, outcome.report
+        for logger in trainer.loggers:
+            logger.log_metrics({"pruning/achieved_sparsity": self.report.achieved_sparsity}, step=trainer.global_step)
+        if self.verbose:
+            rank_zero_info(self.report.format_table())
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.masks is None:
+            raise RuntimeError("MosaicPruning: resumed from a checkpoint that holds no pruning masks")
+        model = causal_lm(pl_module)
+        self.masks.apply_(model)
+        for optimizer in trainer.optimizers:
+            self._hooks.append(optimizer.register_step_post_hook(self._after_step_hook(model)))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+    def _after_step_hook(self, model: nn.Module):
+        def hook(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+            self.masks.apply_(model)
+            self.masks.zero_optimizer_state_(optimizer, model)
+
+        return hook
+
+    # -- calibration data -------------------------------------------------------------------------------
+    def _calibration_batches(self, trainer: L.Trainer) -> list[torch.Tensor]:
+        if self.calibration_dataloader is not None:
+            source = self.calibration_dataloader
+        else:
+            datamodule = trainer.datamodule
+            if datamodule is not None and hasattr(datamodule, "calibration_batches"):
+                return datamodule.calibration_batches(self.num_calibration_samples)
+            trainer.fit_loop.setup_data()
+            source = trainer.train_dataloader
+        if source is None:
+            raise ValueError("MosaicPruning: no calibration data; pass calibration_dataloader or a train dataloader")
+        return _take_samples(source, self.num_calibration_samples or 128)
+
+    # -- checkpointing ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"config": self.config.to_dict(), "masks": None if self.masks is None else self.masks.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict.get("masks") is not None:
+            self.masks = MaskStore()
+            self.masks.load_state_dict(state_dict["masks"])
+
+
+def causal_lm(pl_module: L.LightningModule) -> nn.Module:
+    """The Hugging Face model inside a LightningModule (``.model``), or the module itself."""
+    model = getattr(pl_module, "model", None)
+    if isinstance(model, nn.Module) and hasattr(model, "config"):
+        return model
+    if hasattr(pl_module, "config"):
+        return pl_module
+    raise TypeError(
+        f"{type(pl_module).__name__} exposes no Hugging Face causal LM: set it as `self.model` "
+        "(see mosaic_lightning.CausalLM)"
+    )
+
+
+def _take_samples(source: Iterable, num_samples: int) -> list[torch.Tensor]:
+    batches, seen = [], 0
+    for batch in itertools.islice(source, num_samples):
+        ids = batch["input_ids"] if isinstance(batch, dict) else batch
+        ids = ids[0] if isinstance(ids, tuple | list) else ids
+        ids = ids[: num_samples - seen]
+        batches.append(ids)
+        seen += ids.shape[0]
+        if seen >= num_samples:
+            break
+    if not batches:
+        raise ValueError("MosaicPruning: the calibration set is empty (the dataloader yielded no batch)")
+    return batches

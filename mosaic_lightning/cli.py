@@ -1,0 +1,75 @@
+"""``MosaicCLI``: LightningCLI with the pruning callback as a top-level group, evaluation and export.
+
+``python train.py fit --config recipes/mosaic-50.yaml --pruning.sparsity 0.7 --export_dir out/`` evaluates
+dense perplexity, prunes at fit start, trains for ``trainer.max_steps`` (0 for one-shot recipes), evaluates
+again and writes a Hugging Face directory with ``pruning_report.json``.
+"""
+
+from __future__ import annotations
+
+import time
+
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from .callbacks import MosaicPruning, causal_lm
+from .evaluation import perplexity
+from .export import check_export_dir, save_pruned
+from .lit import CausalLM, TextDataModule
+
+
+class MosaicCLI(LightningCLI):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("model_class", CausalLM)
+        kwargs.setdefault("datamodule_class", TextDataModule)
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "yaml"})  # yaml.safe_load underneath
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(MosaicPruning, "pruning")
+        parser.add_argument("--export_dir", type=str | None, default=None, help="where to save the pruned HF model")
+        parser.add_argument("--evaluate", type=bool, default=True, help="perplexity before and after pruning")
+        parser.link_arguments("model.pretrained", "data.tokenizer")
+
+    def _pruning_callback(self) -> MosaicPruning:
+        return next(cb for cb in self.trainer.callbacks if isinstance(cb, MosaicPruning))
+
+    def before_fit(self) -> None:
+        config = self.config[self.subcommand]
+        if config.export_dir:
+            check_export_dir(config.export_dir)
+        self._clock = time.perf_counter()
+        self.model.configure_model()
+        self.datamodule.setup("fit")
+        self._metrics: dict[str, float] = {}
+        if config.evaluate:
+            self._metrics["ppl_dense"] = self._perplexity("dense perplexity")
+
+    def after_fit(self) -> None:
+        config = self.config[self.subcommand]
+        callback = self._pruning_callback()
+        report = callback.report
+        if report is None:
+            raise RuntimeError("pruning did not run (resumed runs export from the run that pruned)")
+        if config.evaluate:
+            self._metrics["ppl_pruned"] = self._perplexity("pruned perplexity")
+        report.metrics.update(self._metrics)
+        report.timings["total"] = time.perf_counter() - self._clock
+        report.record_peak_memory("total")
+        for logger in self.trainer.loggers:
+            logger.log_metrics(self._metrics, step=self.trainer.global_step)
+            logger.save()
+        rank_zero_info(report.summary())
+        if config.export_dir and self.trainer.is_global_zero:
+            path = save_pruned(causal_lm(self.model), self.datamodule.tokenizer, config.export_dir, report)
+            rank_zero_info(f"saved pruned model and pruning_report.json to {path}")
+
+    def _perplexity(self, desc: str) -> float:
+        clock = time.perf_counter()
+        value = perplexity(causal_lm(self.model), self.datamodule.val_dataloader(), desc=desc)
+        self._metrics[f"{desc.split()[0]}_eval_s"] = time.perf_counter() - clock
+        return value
+
+
+def main() -> None:
+    MosaicCLI()

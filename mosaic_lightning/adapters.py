@@ -137,7 +137,9 @@ class ModelAdapter:
         self.spec = spec or detect_architecture(model)
         blocks = _get(model, self.spec.blocks)
         if not isinstance(blocks, nn.ModuleList):
-            raise ValueError(f"spec.blocks={self.spec.blocks!r} is not a ModuleList in {type(model).__name__}")
+            raise ValueError(
+                f"spec.blocks={self.spec.blocks!r} is not a ModuleList in {type(model).__name__}"
+            )
         self.blocks: list[nn.Module] = list(blocks)
         self._all = [self._block_projections(i) for i in range(len(self.blocks))]
         self._check_names(targets, "targets")
@@ -213,9 +215,10 @@ def detect_architecture(model: nn.Module) -> ArchitectureSpec:
     """The first known spec whose blocks and projections all exist; else a clear error listing Linears."""
     for spec in KNOWN_ARCHITECTURES.values():
         blocks = _get(model, spec.blocks)
-        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
-            if all(_is_projection_module(_get(blocks[0], p) or nn.Identity()) for p in spec.projections.values()):
-                return spec
+        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0 and all(
+            _is_projection_module(_get(blocks[0], p) or nn.Identity()) for p in spec.projections.values()
+        ):
+            return spec
     linears = [n for n, m in model.named_modules() if _is_projection_module(m)]
     shown = ", ".join(linears[:24]) + (" ..." if len(linears) > 24 else "")
     raise ValueError(

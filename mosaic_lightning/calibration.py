@@ -8,7 +8,7 @@ rotary embeddings, ...) are captured once from the real model forward, which kee
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +35,9 @@ class BlockInputs:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: Iterable[torch.Tensor]) -> BlockInputs:
+def capture_block_inputs(
+    model: nn.Module, first_block: nn.Module, batches: Iterable[torch.Tensor]
+) -> BlockInputs:
     """Run the model up to its first block for each batch of ``input_ids`` and keep the block's inputs."""
     captured = BlockInputs([], [], [])
 
@@ -54,10 +56,8 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: Iter
     device = next(first_block.parameters()).device
     try:
         for input_ids in batches:
-            try:
+            with suppress(_StopForward):
                 model(input_ids=input_ids.to(device), use_cache=False)
-            except _StopForward:
-                pass
     finally:
         handle.remove()
     if not captured.hidden:
@@ -76,7 +76,8 @@ def _first_output(out):
 def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
     """The block's output hidden states for every batch."""
     return [
-        _first_output(block(h, *a, **k)) for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True)
+        _first_output(block(h, *a, **k))
+        for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True)
     ]
 
 
@@ -104,10 +105,8 @@ def collect_statistics(
     outputs = []
     try:
         for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True):
-            try:
+            with suppress(_StopForward):
                 outputs.append(_first_output(block(h, *a, **k)))
-            except _StopForward:
-                pass
     finally:
         for handle in handles:
             handle.remove()

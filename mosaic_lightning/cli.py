@@ -27,7 +27,9 @@ class MosaicCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(MosaicPruning, "pruning")
-        parser.add_argument("--export_dir", type=str | None, default=None, help="where to save the pruned HF model")
+        parser.add_argument(
+            "--export_dir", type=str | None, default=None, help="where to save the pruned HF model"
+        )
         parser.add_argument("--evaluate", type=bool, default=True, help="perplexity before and after pruning")
         parser.link_arguments("model.pretrained", "data.tokenizer")
 

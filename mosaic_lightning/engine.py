@@ -62,7 +62,9 @@ def prune_model(
         ratios: dict[str, float] = {}
         if allocation.needs_profile:
             groups = {p.key: allocation.group(p) for p in projections}
-            ratios = _profile_outliers(model, adapter, batches, method, groups, config.outlier_threshold, progress)
+            ratios = _profile_outliers(
+                model, adapter, batches, method, groups, config.outlier_threshold, progress
+            )
             report.timings["profile"] = time.perf_counter() - clock
         group_sparsity = allocation.sparsities(ratios or {p.key: 0.0 for p in projections}, config.sparsity)
         per_projection = {p.key: group_sparsity[allocation.group(p)] for p in projections}
@@ -71,14 +73,18 @@ def prune_model(
         counts = exact_counts(sizes, per_projection, config.sparsity, *bounds)
 
         clock = time.perf_counter()
-        pending, seconds, tokens = _sequential_prune(model, adapter, batches, method, pattern, counts, progress)
+        pending, seconds, tokens = _sequential_prune(
+            model, adapter, batches, method, pattern, counts, progress
+        )
         report.timings["prune"] = time.perf_counter() - clock
         masks = _commit(adapter, pending)
     finally:
         model.train(was_training)
     report.calibration = {"batches": len(batches), "tokens": tokens}
     projection_ratios = {p.key: ratios[allocation.group(p)] for p in projections} if ratios else {}
-    report.projections = [_projection_report(adapter, p, counts, projection_ratios, seconds) for p in projections]
+    report.projections = [
+        _projection_report(adapter, p, counts, projection_ratios, seconds) for p in projections
+    ]
     report.record_peak_memory("prune")
     return PruningOutcome(masks=masks, report=report)
 
@@ -98,12 +104,16 @@ def _profile_outliers(
     for layer in tqdm(range(adapter.num_layers), desc="outlier profile", disable=not progress):
         # Profiling runs the dense model, so one full pass gives both statistics and the next block's inputs.
         stats, inputs.hidden = _block_statistics(adapter, layer, inputs, hessian=False, keep_outputs=True)
-        scores = {p.key: method.scores(p.weight_view(), stats[id(p.module)]) for p in adapter.projections(layer)}
+        scores = {
+            p.key: method.scores(p.weight_view(), stats[id(p.module)]) for p in adapter.projections(layer)
+        }
         ratios.update(outlier_ratios(scores, {k: groups[k] for k in scores}, threshold))
     return ratios
 
 
-def _block_statistics(adapter: ModelAdapter, layer: int, inputs: BlockInputs, hessian: bool, keep_outputs: bool):
+def _block_statistics(
+    adapter: ModelAdapter, layer: int, inputs: BlockInputs, hessian: bool, keep_outputs: bool
+):
     modules = [(_module_name(adapter, layer, m), m) for m in adapter.projection_modules(layer)]
     return collect_statistics(adapter.blocks[layer], modules, inputs, hessian, keep_outputs)
 
@@ -116,6 +126,8 @@ def _module_name(adapter: ModelAdapter, layer: int, module: nn.Module) -> str:
 
 
 def _sequential_prune(model, adapter, batches, method, pattern, counts, progress):
+    if not method.needs_calibration:
+        return _prune_without_data(adapter, method, pattern, counts)
     inputs = capture_block_inputs(model, adapter.blocks[0], batches)
     tokens = inputs.tokens
     pending = _Pending()
@@ -130,7 +142,9 @@ def _sequential_prune(model, adapter, batches, method, pattern, counts, progress
             stat.all_reduce()
         for proj in projs:
             clock = time.perf_counter()
-            result: PruneResult = method.prune(proj.weight_view(), stats[id(proj.module)], pattern, counts[proj.key])
+            result: PruneResult = method.prune(
+                proj.weight_view(), stats[id(proj.module)], pattern, counts[proj.key]
+            )
             pending.keeps[proj.key] = result.keep
             pruned = result.weight if result.weight is not None else proj.weight_view()
             pending.weights[proj.key] = pruned.masked_fill(~result.keep, 0)
@@ -140,6 +154,17 @@ def _sequential_prune(model, adapter, batches, method, pattern, counts, progress
             inputs.hidden = run_block(adapter.blocks[layer], inputs)
         _drop_weights(projs, pending)
     return pending, seconds, tokens
+
+
+def _prune_without_data(adapter, method, pattern, counts):
+    """Data-free methods (magnitude): no forward pass at all."""
+    pending = _Pending()
+    seconds: dict[str, float] = {}
+    for proj in adapter.all_projections():
+        clock = time.perf_counter()
+        pending.keeps[proj.key] = method.prune(proj.weight_view(), None, pattern, counts[proj.key]).keep
+        seconds[proj.key] = time.perf_counter() - clock
+    return pending, seconds, 0
 
 
 def _param_values(projs: list[Projection], pending: _Pending) -> dict[nn.Parameter, torch.Tensor]:

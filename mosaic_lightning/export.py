@@ -19,7 +19,9 @@ def check_export_dir(export_dir: str | os.PathLike) -> pathlib.Path:
     """Fail early (before any weight changes) when the target exists and is not an empty directory."""
     path = pathlib.Path(export_dir)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"export_dir={str(path)!r} already exists and is not empty; choose a new directory")
+        raise FileExistsError(
+            f"export_dir={str(path)!r} already exists and is not empty; choose a new directory"
+        )
     return path
 
 

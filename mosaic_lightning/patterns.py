@@ -22,7 +22,7 @@ class Pattern(ABC):
         """Sparsity the pattern imposes (N:M), or None when any sparsity is possible."""
         return None
 
-    def check_shape(self, in_features: int, where: str) -> None:
+    def check_shape(self, in_features: int, where: str) -> None:  # noqa: B027 - most patterns take any shape
         """Raise a clear error when a projection's shape cannot take this pattern."""
 
     @abstractmethod
@@ -109,4 +109,6 @@ def parse_pattern(spec: str) -> Pattern:
     match = re.fullmatch(r"(\d+):(\d+)", spec)
     if match:
         return NM(int(match.group(1)), int(match.group(2)))
-    raise ValueError(f"pattern={spec!r}; allowed values: 'unstructured', 'unstructured-layer', 'N:M' (e.g. '2:4')")
+    raise ValueError(
+        f"pattern={spec!r}; allowed values: 'unstructured', 'unstructured-layer', 'N:M' (e.g. '2:4')"
+    )

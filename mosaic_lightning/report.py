@@ -78,7 +78,8 @@ class PruningReport:
         for layer in layers:
             cells = [by_key.get((layer, n)) for n in names]
             lines.append(
-                f"{layer:>5} " + " ".join(f"{100 * c.achieved_sparsity:6.2f}" if c else f"{'-':>6}" for c in cells)
+                f"{layer:>5} "
+                + " ".join(f"{100 * c.achieved_sparsity:6.2f}" if c else f"{'-':>6}" for c in cells)
             )
         lines.append(self.summary())
         return "\n".join(lines)

@@ -5,6 +5,7 @@ Small calibration sets keep these within a couple of minutes on a 2-core CPU; CI
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -45,10 +46,8 @@ def _capture_first_layer_inputs(model, batches):
 
     handle = model.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     for ids in batches:
-        try:
+        with contextlib.suppress(Stop):
             model(input_ids=ids, use_cache=False)
-        except Stop:
-            pass
     handle.remove()
     return captured
 
@@ -62,7 +61,9 @@ def plain_sequential_wanda(model, batches, sparsity: float) -> dict[str, torch.T
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
         seen: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
         handles = [
-            m.register_forward_hook(lambda mod, args, out, n=n: seen[n].append(args[0].reshape(-1, args[0].shape[-1])))
+            m.register_forward_hook(
+                lambda mod, args, out, n=n, seen=seen: seen[n].append(args[0].reshape(-1, args[0].shape[-1]))
+            )
             for n, m in linears.items()
         ]
         for hidden, kwargs in inputs:
@@ -188,6 +189,8 @@ def test_cli_rejects_misspelt_recipe_key(tmp_path):
 
 
 def test_cli_rejects_bad_sparsity_before_loading(tmp_path):
-    result = _run_cli("--config", str(ROOT / "recipes/wanda-50.yaml"), "--pruning.sparsity", "1.0", cwd=tmp_path)
+    result = _run_cli(
+        "--config", str(ROOT / "recipes/wanda-50.yaml"), "--pruning.sparsity", "1.0", cwd=tmp_path
+    )
     assert result.returncode != 0
     assert "sparsity" in result.stderr and "0 <= sparsity < 1" in result.stderr

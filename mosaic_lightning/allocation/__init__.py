@@ -17,5 +17,13 @@ def build_allocation(name: str, threshold: float = 5.0, lam: float = 0.08) -> Al
     return cls(threshold=threshold, lam=lam) if issubclass(cls, OutlierWeighted) else cls()
 
 
-__all__ = ["ALLOCATIONS", "OWL", "Allocation", "MosaicPOD", "Uniform", "build_allocation", "exact_counts",
-           "outlier_ratios"]
+__all__ = [
+    "ALLOCATIONS",
+    "OWL",
+    "Allocation",
+    "MosaicPOD",
+    "Uniform",
+    "build_allocation",
+    "exact_counts",
+    "outlier_ratios",
+]

@@ -58,7 +58,9 @@ class OutlierWeighted(Allocation):
         return dict(zip(outlier_ratios, sparsity.tolist(), strict=True))
 
 
-def outlier_ratios(scores: dict[str, torch.Tensor], groups: dict[str, str], threshold: float) -> dict[str, float]:
+def outlier_ratios(
+    scores: dict[str, torch.Tensor], groups: dict[str, str], threshold: float
+) -> dict[str, float]:
     """Per group: fraction of scores above ``threshold *`` the group's mean score."""
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}

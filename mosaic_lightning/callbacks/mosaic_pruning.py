@@ -92,11 +92,16 @@ class MosaicPruning(L.Callback):
         if trainer.ckpt_path is not None:  # masks arrive with the checkpoint (DeepSpeed restores after this)
             return
         outcome = prune_model(
-            model, self._calibration_batches(trainer), self.config, progress=self.verbose and trainer.is_global_zero
+            model,
+            self._calibration_batches(trainer),
+            self.config,
+            progress=self.verbose and trainer.is_global_zero,
         )
         self.masks, self.report = outcome.masks, outcome.report
         for logger in trainer.loggers:
-            logger.log_metrics({"pruning/achieved_sparsity": self.report.achieved_sparsity}, step=trainer.global_step)
+            logger.log_metrics(
+                {"pruning/achieved_sparsity": self.report.achieved_sparsity}, step=trainer.global_step
+            )
         if self.verbose:
             rank_zero_info(self.report.format_table())
 
@@ -131,12 +136,17 @@ class MosaicPruning(L.Callback):
             trainer.fit_loop.setup_data()
             source = trainer.train_dataloader
         if source is None:
-            raise ValueError("MosaicPruning: no calibration data; pass calibration_dataloader or a train dataloader")
+            raise ValueError(
+                "MosaicPruning: no calibration data; pass calibration_dataloader or a train dataloader"
+            )
         return _take_samples(source, self.num_calibration_samples or 128)
 
     # -- checkpointing ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"config": self.config.to_dict(), "masks": None if self.masks is None else self.masks.state_dict()}
+        return {
+            "config": self.config.to_dict(),
+            "masks": None if self.masks is None else self.masks.state_dict(),
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict.get("masks") is not None:

@@ -73,11 +73,16 @@ class TextDataModule(L.LightningDataModule):
         if hp.train_files is None:
             train_docs, eval_docs = wikipedia_split()
         else:
-            train_docs, eval_docs = _read_files(hp.train_files, "train_files"), _read_files(hp.eval_files, "eval_files")
+            train_docs, eval_docs = (
+                _read_files(hp.train_files, "train_files"),
+                _read_files(hp.eval_files, "eval_files"),
+            )
         self.train_set = TokenWindows(self._tokenize(train_docs), hp.seq_len)
         self.eval_set = TokenWindows(self._tokenize(eval_docs), hp.seq_len)
         if len(self.train_set) == 0:
-            raise ValueError(f"train_files hold fewer than seq_len={hp.seq_len} tokens: the calibration set is empty")
+            raise ValueError(
+                f"train_files hold fewer than seq_len={hp.seq_len} tokens: the calibration set is empty"
+            )
         if len(self.eval_set) == 0:
             raise ValueError(f"eval_files hold fewer than seq_len={hp.seq_len} tokens: nothing to evaluate")
         if hp.max_eval_windows is not None:
@@ -89,7 +94,9 @@ class TextDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, generator=generator)
+        return DataLoader(
+            self.train_set, batch_size=self.hparams.batch_size, shuffle=True, generator=generator
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.eval_set, batch_size=self.hparams.batch_size)
@@ -98,7 +105,9 @@ class TextDataModule(L.LightningDataModule):
         """``num_samples`` training windows drawn with the module's seed, as ``input_ids`` batches."""
         self.setup()
         n = min(num_samples or self.hparams.num_calibration_samples, len(self.train_set))
-        order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(self.hparams.seed))
+        order = torch.randperm(
+            len(self.train_set), generator=torch.Generator().manual_seed(self.hparams.seed)
+        )
         windows = self.train_set.windows[order[:n]]
         return list(windows.split(self.hparams.batch_size))
 

@@ -25,10 +25,13 @@ class PruningMethod(ABC):
 
     name: ClassVar[str]
     needs_hessian: ClassVar[bool] = False
+    needs_calibration: ClassVar[bool] = True
 
     @abstractmethod
-    def scores(self, weight: torch.Tensor, stats: InputStatistics) -> torch.Tensor:
+    def scores(self, weight: torch.Tensor, stats: InputStatistics | None) -> torch.Tensor:
         """Importance of every weight, ``[out, in]``."""
 
-    def prune(self, weight: torch.Tensor, stats: InputStatistics, pattern: Pattern, num_prune: int) -> PruneResult:
+    def prune(
+        self, weight: torch.Tensor, stats: InputStatistics | None, pattern: Pattern, num_prune: int
+    ) -> PruneResult:
         return PruneResult(keep=pattern.keep_mask(self.scores(weight, stats), num_prune))

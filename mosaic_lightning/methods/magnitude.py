@@ -10,6 +10,7 @@ from .base import PruningMethod
 
 class Magnitude(PruningMethod):
     name = "magnitude"
+    needs_calibration = False
 
-    def scores(self, weight: torch.Tensor, stats: InputStatistics) -> torch.Tensor:
+    def scores(self, weight: torch.Tensor, stats: InputStatistics | None) -> torch.Tensor:
         return weight.abs().float()

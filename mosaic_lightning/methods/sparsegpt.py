@@ -60,7 +60,9 @@ def sparsegpt_prune(
             if isinstance(pattern, NM) and i % pattern.m == 0:
                 group = slice(i, i + pattern.m)
                 scores = w1[:, group] ** 2 / d[None, group] ** 2
-                keep[:, i1 + i : i1 + i + pattern.m] = pattern.keep_mask(scores, rows * (pattern.m - pattern.n))
+                keep[:, i1 + i : i1 + i + pattern.m] = pattern.keep_mask(
+                    scores, rows * (pattern.m - pattern.n)
+                )
             col = w1[:, i]
             q = torch.where(keep[:, i1 + i], col, torch.zeros_like(col))
             q1[:, i] = q
@@ -87,7 +89,9 @@ class SparseGPT(PruningMethod):
         # Outlier profiles (OWL, Mosaic POD) use Wanda scores for every method, as OWL-SparseGPT does.
         return wanda_scores(weight, stats.column_norms)
 
-    def prune(self, weight: torch.Tensor, stats: InputStatistics, pattern: Pattern, num_prune: int) -> PruneResult:
+    def prune(
+        self, weight: torch.Tensor, stats: InputStatistics, pattern: Pattern, num_prune: int
+    ) -> PruneResult:
         if isinstance(pattern, NM) and self.blocksize % pattern.m:
             raise ValueError(f"sparsegpt blocksize={self.blocksize} must be a multiple of M={pattern.m}")
         return sparsegpt_prune(weight, stats.hessian, pattern, num_prune, self.blocksize, self.damp)

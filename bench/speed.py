@@ -1,0 +1,105 @@
+"""Pruning speed and peak memory on the real model: Wanda and SparseGPT at 50% vs one plain forward pass.
+
+    python bench/speed.py --calibration-samples 128 --seq-len 512 --repeats 3 --out bench/out/speed.json
+
+Each measurement runs in a fresh subprocess so that its peak RSS is its own. Times exclude model loading.
+The lower bound for a calibration-based pruner is one forward pass over the calibration tokens; the ratio
+``wanda / forward`` is measured within one run (interleaved repeats, medians), so machine noise cancels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def _calibration(samples: int, seq_len: int) -> list[torch.Tensor]:
+    from mosaic_lightning.assets import BUNDLED_MODEL, load_tokenizer, wikipedia_split
+    from mosaic_lightning.lit.data import TokenWindows
+
+    train, _ = wikipedia_split()
+    ids = load_tokenizer(BUNDLED_MODEL)("\n\n".join(train), add_special_tokens=False)["input_ids"]
+    windows = TokenWindows(torch.tensor(ids), seq_len).windows
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(0))
+    return list(windows[order[:samples]].split(4))
+
+
+def measure(kind: str, samples: int, seq_len: int) -> dict:
+    """One measurement in this process: seconds and peak RSS."""
+    from mosaic_lightning import PruningConfig, prune_model
+    from mosaic_lightning.assets import BUNDLED_MODEL, load_causal_lm
+
+    batches = _calibration(samples, seq_len)
+    model = load_causal_lm(BUNDLED_MODEL).eval()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    clock = time.perf_counter()
+    if kind == "forward":
+        with torch.no_grad():
+            for ids in batches:
+                model(input_ids=ids, use_cache=False)
+    else:
+        prune_model(model, batches, PruningConfig(0.5, kind, "uniform"), progress=False)
+    seconds = time.perf_counter() - clock
+    return {
+        "kind": kind,
+        "seconds": seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_after_load_mb": rss_before,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calibration-samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--kinds", default="forward,wanda,sparsegpt")
+    parser.add_argument("--out", default="bench/out/speed.json")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure, args.calibration_samples, args.seq_len)))
+        return
+
+    runs: list[dict] = []
+    for _ in range(args.repeats):
+        for kind in args.kinds.split(","):
+            cmd = [sys.executable, __file__, "--measure", kind, "--calibration-samples",
+                   str(args.calibration_samples), "--seq-len", str(args.seq_len)]  # fmt: skip
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            runs.append(json.loads(out.strip().splitlines()[-1]))
+            print(json.dumps(runs[-1]), flush=True)
+    summary = {}
+    for kind in args.kinds.split(","):
+        mine = [r for r in runs if r["kind"] == kind]
+        summary[kind] = {
+            "median_s": statistics.median(r["seconds"] for r in mine),
+            "median_peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in mine),
+            "median_rss_after_load_mb": statistics.median(r["rss_after_load_mb"] for r in mine),
+        }
+    tokens = args.calibration_samples * args.seq_len
+    print(f"\ncalibration {args.calibration_samples} x {args.seq_len} = {tokens} tokens, {args.repeats} repeat(s), "
+          f"{torch.get_num_threads()} threads")  # fmt: skip
+    print(f"{'kind':<10} {'median s':>9} {'x forward':>10} {'peak RSS MB':>12} {'RSS after load':>15}")
+    for kind, s in summary.items():
+        ratio = s["median_s"] / summary["forward"]["median_s"] if "forward" in summary else float("nan")
+        s["ratio_to_forward"] = ratio
+        print(f"{kind:<10} {s['median_s']:>9.1f} {ratio:>10.2f} {s['median_peak_rss_mb']:>12.0f} "
+              f"{s['median_rss_after_load_mb']:>15.0f}")  # fmt: skip
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps({"args": vars(args), "tokens": tokens, "runs": runs, "summary": summary}, indent=2)
+    )
+
+
+if __name__ == "__main__":
+    main()

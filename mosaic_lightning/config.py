@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from .allocation import ALLOCATIONS, Allocation, build_allocation
 from .methods import METHODS, PruningMethod, build_method
 from .patterns import Pattern, parse_pattern
+from .structure import UNIT_KINDS
 
 
 @dataclass
@@ -25,6 +26,11 @@ class PruningConfig:
         outlier_threshold: a score is an outlier above this multiple of its group's mean (OWL's M, Mosaic's alpha).
         owl_lambda: spread of the outlier-weighted allocation: sparsities vary within target +- lambda.
         sparsegpt_blocksize, sparsegpt_damp: SparseGPT's column block size and relative Hessian damping.
+        structured_fraction: share of the pruned weights removed as whole units (composite pruning), in
+            [0, 1]; 0 = unstructured only, 1 = structured only. Robust (few-outlier) units take more of it.
+        structured_units: unit kinds to remove: ``mlp`` (channels) and/or ``heads`` (attention heads).
+        uniform_structure: remove the same number of units in every layer, so that a plain HF config
+            describes the compacted model; otherwise per-layer sizes (load with ``load_pruned``).
     """
 
     sparsity: float = 0.5
@@ -39,6 +45,9 @@ class PruningConfig:
     owl_lambda: float = 0.08
     sparsegpt_blocksize: int = 128
     sparsegpt_damp: float = 0.01
+    structured_fraction: float = 0.0
+    structured_units: list[str] = field(default_factory=lambda: ["mlp", "heads"])
+    uniform_structure: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, int | float):
@@ -67,6 +76,23 @@ class PruningConfig:
                 )
         self.build_method()
         self.build_allocation()
+        self._check_structure(pattern)
+
+    def _check_structure(self, pattern: Pattern) -> None:
+        if not 0 <= self.structured_fraction <= 1:
+            raise ValueError(f"structured_fraction={self.structured_fraction}; allowed values: 0 <= x <= 1")
+        unknown = [u for u in self.structured_units if u not in UNIT_KINDS]
+        if unknown or not self.structured_units:
+            raise ValueError(f"structured_units={self.structured_units!r}; allowed values: {list(UNIT_KINDS)}")
+        if self.structured_fraction > 0 and pattern.fixed_sparsity is not None:
+            raise ValueError(
+                f"structured_fraction={self.structured_fraction} needs an unstructured pattern, not "
+                f"pattern={self.pattern!r} (N:M fixes the sparsity of what structure leaves)"
+            )
+
+    @property
+    def structured(self) -> bool:
+        return self.structured_fraction > 0
 
     def build_method(self) -> PruningMethod:
         options = {}

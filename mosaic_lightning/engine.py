@@ -24,6 +24,15 @@ from .config import PruningConfig
 from .masks import MaskStore
 from .methods import PruneResult
 from .report import ProjectionReport, PruningReport
+from .structure import (
+    UnitGroup,
+    choose_removed,
+    plan_removals,
+    structural_counts,
+    structural_keep,
+    unit_groups,
+    unit_scores,
+)
 
 
 @dataclass
@@ -32,12 +41,26 @@ class _Pending:
 
     keeps: dict[str, torch.Tensor] = field(default_factory=dict)  # projection key -> [out, in] keep mask
     weights: dict[str, torch.Tensor] = field(default_factory=dict)  # projection key -> [out, in] new weight
+    removed: dict[str, list[int]] = field(default_factory=dict)  # unit group key -> removed unit indices
 
 
 @dataclass
 class PruningOutcome:
+    """Masks by parameter, the report, and the removed units by group key (``"3.mlp"``, ``"3.heads"``)."""
+
     masks: MaskStore
     report: PruningReport
+    structure: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass
+class _Plan:
+    """How much each projection loses: whole units (composite pruning) and then single weights."""
+
+    counts: dict[str, int]  # projection key -> weights pruned in total
+    unstructured: dict[str, int]  # projection key -> weights pruned one by one (after units are removed)
+    unit_groups: list[UnitGroup] = field(default_factory=list)
+    removals: dict[str, int] = field(default_factory=dict)  # unit group key -> units to remove
 
 
 def prune_model(
@@ -53,7 +76,8 @@ def prune_model(
     projections = adapter.all_projections()
     for proj in projections:
         pattern.check_shape(proj.in_features, adapter.module_name(proj))
-    batches = [b for b in calibration_batches]
+    groups = unit_groups(adapter, config.structured_units) if config.structured else []
+    batches = list(calibration_batches)
     report = PruningReport(config=config.to_dict())
     was_training = model.training
     model.eval()
@@ -61,32 +85,53 @@ def prune_model(
         clock = time.perf_counter()
         ratios: dict[str, float] = {}
         if allocation.needs_profile:
-            groups = {p.key: allocation.group(p) for p in projections}
-            ratios = _profile_outliers(
-                model, adapter, batches, method, groups, config.outlier_threshold, progress
+            by_group = {p.key: allocation.group(p) for p in projections}
+            group_ratios = _profile_outliers(
+                model, adapter, batches, method, by_group, config.outlier_threshold, progress
             )
+            ratios = {p.key: group_ratios[by_group[p.key]] for p in projections}
             report.timings["profile"] = time.perf_counter() - clock
-        group_sparsity = allocation.sparsities(ratios or {p.key: 0.0 for p in projections}, config.sparsity)
-        per_projection = {p.key: group_sparsity[allocation.group(p)] for p in projections}
-        sizes = {p.key: p.numel for p in projections}
-        bounds = (0.0, 1.0) if allocation.name == "uniform" else (config.min_sparsity, config.max_sparsity)
-        counts = exact_counts(sizes, per_projection, config.sparsity, *bounds)
-
+        plan = _plan(adapter, config, allocation, ratios, groups)
         clock = time.perf_counter()
-        pending, seconds, tokens = _sequential_prune(
-            model, adapter, batches, method, pattern, counts, progress
-        )
+        pending, seconds, tokens = _sequential_prune(model, adapter, batches, method, pattern, plan, progress)
         report.timings["prune"] = time.perf_counter() - clock
         masks = _commit(adapter, pending)
     finally:
         model.train(was_training)
     report.calibration = {"batches": len(batches), "tokens": tokens}
-    projection_ratios = {p.key: ratios[allocation.group(p)] for p in projections} if ratios else {}
-    report.projections = [
-        _projection_report(adapter, p, counts, projection_ratios, seconds) for p in projections
-    ]
+    report.structure = pending.removed
+    report.projections = [_projection_report(adapter, p, plan, masks, ratios, seconds) for p in projections]
     report.record_peak_memory("prune")
-    return PruningOutcome(masks=masks, report=report)
+    return PruningOutcome(masks=masks, report=report, structure=pending.removed)
+
+
+def _plan(adapter: ModelAdapter, config: PruningConfig, allocation, ratios, groups) -> _Plan:
+    """Exact per-projection counts; with structure, units first and single weights fill up to the target."""
+    projections = adapter.all_projections()
+    group_sparsity = allocation.sparsities(
+        {allocation.group(p): ratios.get(p.key, 0.0) for p in projections}, config.sparsity
+    )
+    base = {p.key: group_sparsity[allocation.group(p)] for p in projections}
+    sizes = {p.key: p.numel for p in projections}
+    bounds = (0.0, 1.0) if allocation.name == "uniform" else (config.min_sparsity, config.max_sparsity)
+    goal = round(config.sparsity * sum(sizes.values()))
+    removals: dict[str, int] = {}
+    structural: dict[str, int] = {}
+    if groups:
+        by_layer = {layer: {p.name: p for p in adapter.projections(layer)} for layer in range(adapter.num_layers)}
+        target = round(config.structured_fraction * goal)
+        removals = plan_removals(groups, by_layer, ratios, target, config.uniform_structure, config.owl_lambda)
+        structural = structural_counts(groups, removals, by_layer)
+    remaining = {k: n - structural.get(k, 0) for k, n in sizes.items()}
+    single = goal - sum(structural.values())
+    if single < 0:
+        raise ValueError(
+            f"structured_fraction={config.structured_fraction}: whole units alone remove more than "
+            f"sparsity={config.sparsity}; lower structured_fraction"
+        )
+    unstructured = exact_counts(remaining, base, config.sparsity, *bounds, goal=single)
+    counts = {k: structural.get(k, 0) + unstructured[k] for k in sizes}
+    return _Plan(counts, unstructured, groups, removals)
 
 
 def _profile_outliers(
@@ -125,13 +170,14 @@ def _module_name(adapter: ModelAdapter, layer: int, module: nn.Module) -> str:
     raise KeyError(module)
 
 
-def _sequential_prune(model, adapter, batches, method, pattern, counts, progress):
-    if not method.needs_calibration:
-        return _prune_without_data(adapter, method, pattern, counts)
-    inputs = capture_block_inputs(model, adapter.blocks[0], batches)
-    tokens = inputs.tokens
+def _sequential_prune(model, adapter, batches, method, pattern, plan: _Plan, progress):
     pending = _Pending()
     seconds: dict[str, float] = {}
+    if not method.needs_calibration:  # data-free (magnitude): no forward pass at all
+        for layer in range(adapter.num_layers):
+            _prune_block(adapter, layer, None, method, pattern, plan, pending, seconds)
+        return pending, seconds, 0
+    inputs = capture_block_inputs(model, adapter.blocks[0], batches)
     for layer in tqdm(range(adapter.num_layers), desc="pruning blocks", disable=not progress):
         projs = adapter.projections(layer)
         if not projs:
@@ -140,31 +186,51 @@ def _sequential_prune(model, adapter, batches, method, pattern, counts, progress
         stats, _ = _block_statistics(adapter, layer, inputs, method.needs_hessian, keep_outputs=False)
         for stat in stats.values():
             stat.all_reduce()
-        for proj in projs:
-            clock = time.perf_counter()
-            result: PruneResult = method.prune(
-                proj.weight_view(), stats[id(proj.module)], pattern, counts[proj.key]
-            )
-            pending.keeps[proj.key] = result.keep
-            pruned = result.weight if result.weight is not None else proj.weight_view()
-            pending.weights[proj.key] = pruned.masked_fill(~result.keep, 0)
-            seconds[proj.key] = time.perf_counter() - clock
+        _prune_block(adapter, layer, stats, method, pattern, plan, pending, seconds)
         del stats
         with swapped_weights(_param_values(projs, pending)):
             inputs.hidden = run_block(adapter.blocks[layer], inputs)
         _drop_weights(projs, pending)
-    return pending, seconds, tokens
+    return pending, seconds, inputs.tokens
 
 
-def _prune_without_data(adapter, method, pattern, counts):
-    """Data-free methods (magnitude): no forward pass at all."""
-    pending = _Pending()
-    seconds: dict[str, float] = {}
-    for proj in adapter.all_projections():
+def _prune_block(adapter, layer, stats, method, pattern, plan: _Plan, pending: _Pending, seconds) -> None:
+    """Remove the block's planned units (lowest importance first), then prune single weights of what is left."""
+    projs = {p.name: p for p in adapter.projections(layer)}
+    structural: dict[str, torch.Tensor] = {}
+    for group in (g for g in plan.unit_groups if g.layer == layer):
+        consumer = projs[group.cols[0]]
+        norms = stats[id(consumer.module)].column_norms if stats else torch.ones(consumer.in_features)
+        removed = choose_removed(group, unit_scores(group, projs, norms), plan.removals[group.key])
+        pending.removed[group.key] = removed
+        for name in (*group.rows, *group.cols):
+            keep = structural_keep(group, removed, projs[name])
+            structural[name] = keep if name not in structural else structural[name] & keep
+    for name, proj in projs.items():
         clock = time.perf_counter()
-        pending.keeps[proj.key] = method.prune(proj.weight_view(), None, pattern, counts[proj.key]).keep
+        proj_stats = stats[id(proj.module)] if stats else None
+        result = _prune_projection(proj, proj_stats, method, pattern, plan.unstructured[proj.key], structural.get(name))
+        pending.keeps[proj.key] = result.keep
+        pruned = result.weight if result.weight is not None else proj.weight_view()
+        pending.weights[proj.key] = pruned.masked_fill(~result.keep, 0)
         seconds[proj.key] = time.perf_counter() - clock
-    return pending, seconds, 0
+
+
+def _prune_projection(proj, stats, method, pattern, num_prune: int, structural: torch.Tensor | None) -> PruneResult:
+    """Prune one projection; with removed units, prune single weights only among the rows/columns kept."""
+    weight = proj.weight_view()
+    if structural is None:
+        return method.prune(weight, stats, pattern, num_prune)
+    rows = structural.any(dim=1).nonzero().squeeze(1)
+    cols = structural.any(dim=0).nonzero().squeeze(1)
+    sub = method.prune(weight[rows][:, cols], stats.select(cols) if stats else None, pattern, num_prune)
+    keep = torch.zeros_like(structural)
+    keep[rows[:, None], cols[None, :]] = sub.keep
+    if sub.weight is None:
+        return PruneResult(keep=keep)
+    new = torch.zeros_like(weight)
+    new[rows[:, None], cols[None, :]] = sub.weight
+    return PruneResult(keep=keep, weight=new)
 
 
 def _param_values(projs: list[Projection], pending: _Pending) -> dict[nn.Parameter, torch.Tensor]:
@@ -201,16 +267,20 @@ def _commit(adapter: ModelAdapter, pending: _Pending) -> MaskStore:
     return masks
 
 
-def _projection_report(adapter, proj: Projection, counts, ratios, seconds) -> ProjectionReport:
-    zeros = int((proj.weight_view() == 0).sum())
+def _projection_report(adapter, proj: Projection, plan: _Plan, masks: MaskStore, ratios, seconds):
+    keep = masks.masks[proj.param_name]
+    keep = keep.t() if proj.transposed else keep
+    keep = keep if proj.rows is None else keep[proj.rows]
     return ProjectionReport(
         key=proj.key,
         layer=proj.layer,
         name=proj.name,
         module=adapter.module_name(proj),
         numel=proj.numel,
-        requested_sparsity=counts[proj.key] / proj.numel,
-        achieved_sparsity=zeros / proj.numel,
+        requested_sparsity=plan.counts[proj.key] / proj.numel,
+        achieved_sparsity=int((~keep).sum()) / proj.numel,
+        structured_sparsity=(plan.counts[proj.key] - plan.unstructured[proj.key]) / proj.numel,
+        zero_fraction=int((proj.weight_view() == 0).sum()) / proj.numel,
         outlier_ratio=ratios.get(proj.key),
         seconds=seconds.get(proj.key, 0.0),
     )

@@ -18,7 +18,9 @@ class ProjectionReport:
     module: str
     numel: int
     requested_sparsity: float
-    achieved_sparsity: float
+    achieved_sparsity: float  # share of weights this pruning removed (mask)
+    structured_sparsity: float  # share removed as whole units (channels/heads)
+    zero_fraction: float  # share of exact zeros in the weights (includes zeros the dense model already had)
     outlier_ratio: float | None
     seconds: float
 
@@ -31,6 +33,7 @@ class PruningReport:
     calibration: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     peak_memory_mb: dict[str, float] = field(default_factory=dict)
+    structure: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def params_targeted(self) -> int:
@@ -43,6 +46,10 @@ class PruningReport:
     @property
     def achieved_sparsity(self) -> float:
         return self.params_pruned / max(self.params_targeted, 1)
+
+    @property
+    def structured_params_removed(self) -> int:
+        return sum(round(p.structured_sparsity * p.numel) for p in self.projections)
 
     def record_peak_memory(self, phase: str) -> None:
         """Peak resident memory of this process so far (and CUDA's peak allocation when on a GPU)."""
@@ -57,12 +64,15 @@ class PruningReport:
             "params_targeted": self.params_targeted,
             "params_pruned": self.params_pruned,
             "params_kept": self.params_targeted - self.params_pruned,
+            "structured_params_removed": self.structured_params_removed,
+            "structured_share": self.structured_params_removed / max(self.params_targeted, 1),
             **self.metrics,
             "timings_s": self.timings,
             "peak_memory_mb": self.peak_memory_mb,
             "calibration": self.calibration,
             "config": self.config,
             "projections": [asdict(p) for p in self.projections],
+            "structure": self.structure,
         }
 
     def save_json(self, path: str | os.PathLike) -> None:

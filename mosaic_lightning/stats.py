@@ -52,6 +52,15 @@ class InputStatistics:
             raise RuntimeError(f"{self.name}: Hessian was not collected")
         return self.xxt / max(self.tokens, 1)
 
+    def select(self, columns: torch.Tensor) -> InputStatistics:
+        """Statistics of a subset of input columns (the ones structured pruning keeps)."""
+        sub = InputStatistics(self.name, int(columns.numel()), hessian=False, device=self.sq_sum.device)
+        sub.tokens = self.tokens
+        sub.sq_sum = self.sq_sum[columns]
+        if self.xxt is not None:
+            sub.xxt = self.xxt[columns][:, columns]
+        return sub
+
     def all_reduce(self) -> None:
         """Sum statistics over all ranks so every rank derives the same masks from everyone's batches."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

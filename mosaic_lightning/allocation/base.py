@@ -76,14 +76,20 @@ def outlier_ratios(
 
 
 def exact_counts(
-    sizes: dict[str, int], sparsity: dict[str, float], target: float, min_sparsity: float, max_sparsity: float
+    sizes: dict[str, int],
+    sparsity: dict[str, float],
+    target: float,
+    min_sparsity: float,
+    max_sparsity: float,
+    goal: int | None = None,
 ) -> dict[str, int]:
     """Integer prune counts: ``clip(s_p + c)`` with the shift ``c`` solved so the total is exactly on target."""
     total = sum(sizes.values())
-    goal = round(target * total)
+    goal = round(target * total) if goal is None else goal
     if not (min_sparsity * total <= goal <= max_sparsity * total):
         raise ValueError(
-            f"min_sparsity={min_sparsity} and max_sparsity={max_sparsity} cannot average to sparsity={target}"
+            f"min_sparsity={min_sparsity} and max_sparsity={max_sparsity} cannot average to sparsity="
+            f"{goal / max(total, 1):.4f} over these projections"
         )
 
     def pruned(shift: float) -> float:

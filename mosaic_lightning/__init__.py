@@ -1,7 +1,8 @@
 """mosaic-lightning: composite projection pruning for LLMs as PyTorch Lightning callbacks."""
 
 from .adapters import ArchitectureSpec, ModelAdapter
-from .callbacks import MosaicPruning
+from .callbacks import CompactOnFitEnd, MosaicPruning
+from .compact import compact_model, load_pruned
 from .config import PruningConfig
 from .engine import PruningOutcome, prune_model
 from .evaluation import perplexity
@@ -13,6 +14,7 @@ from .report import PruningReport
 __all__ = [
     "ArchitectureSpec",
     "CausalLM",
+    "CompactOnFitEnd",
     "MaskStore",
     "ModelAdapter",
     "MosaicPruning",
@@ -20,6 +22,8 @@ __all__ = [
     "PruningOutcome",
     "PruningReport",
     "TextDataModule",
+    "compact_model",
+    "load_pruned",
     "perplexity",
     "prune_model",
     "save_pruned",

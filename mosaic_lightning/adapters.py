@@ -200,6 +200,10 @@ class ModelAdapter:
         """Targeted projections of one block, in execution order."""
         return self._selected[layer]
 
+    def every_projection(self, layer: int) -> list[Projection]:
+        """All projections of a block, targeted or not."""
+        return self._all[layer]
+
     def all_projections(self) -> list[Projection]:
         return [p for projs in self._selected for p in projs]
 

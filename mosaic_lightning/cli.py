@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import time
 
+import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from .callbacks import MosaicPruning, causal_lm
+from .compact import compact_model
 from .evaluation import perplexity
 from .export import check_export_dir, save_pruned
 from .lit import CausalLM, TextDataModule
@@ -31,6 +33,9 @@ class MosaicCLI(LightningCLI):
             "--export_dir", type=str | None, default=None, help="where to save the pruned HF model"
         )
         parser.add_argument("--evaluate", type=bool, default=True, help="perplexity before and after pruning")
+        parser.add_argument(
+            "--compress_export", type=bool, default=False, help="store unstructured zeros as bitmask + values"
+        )
         parser.link_arguments("model.pretrained", "data.tokenizer")
 
     def _pruning_callback(self) -> MosaicPruning:
@@ -62,9 +67,30 @@ class MosaicCLI(LightningCLI):
             logger.log_metrics(self._metrics, step=self.trainer.global_step)
             logger.save()
         rank_zero_info(report.summary())
+        if callback.structure and not callback.compacted:
+            self._compact(callback, report)
         if config.export_dir and self.trainer.is_global_zero:
-            path = save_pruned(causal_lm(self.model), self.datamodule.tokenizer, config.export_dir, report)
+            path = save_pruned(
+                causal_lm(self.model), self.datamodule.tokenizer, config.export_dir, report, config.compress_export
+            )
             rank_zero_info(f"saved pruned model and pruning_report.json to {path}")
+
+    @torch.no_grad()
+    def _compact(self, callback: MosaicPruning, report) -> None:
+        """Physically remove pruned units; check on one held-out batch that the function did not change."""
+        model = causal_lm(self.model).eval()
+        batch = next(iter(self.datamodule.val_dataloader()))["input_ids"][:1].to(model.device)
+        before = model(input_ids=batch, use_cache=False).logits
+        params_before = sum(p.numel() for p in model.parameters())
+        compact_model(model, callback.structure)
+        callback.compacted = True
+        difference = (model(input_ids=batch, use_cache=False).logits - before).abs().max().item()
+        report.metrics.update(
+            params_before_compaction=params_before,
+            params_after_compaction=sum(p.numel() for p in model.parameters()),
+            compaction_max_logit_difference=difference,
+        )
+        rank_zero_info(f"compacted {params_before:,} -> {report.metrics['params_after_compaction']:,} parameters")
 
     def _perplexity(self, desc: str) -> float:
         clock = time.perf_counter()

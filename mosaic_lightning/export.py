@@ -10,6 +10,7 @@ import pathlib
 import shutil
 import tempfile
 
+from safetensors.torch import save_file
 from torch import nn
 
 from .report import PruningReport
@@ -26,15 +27,28 @@ def check_export_dir(export_dir: str | os.PathLike) -> pathlib.Path:
 
 
 def save_pruned(
-    model: nn.Module, tokenizer, export_dir: str | os.PathLike, report: PruningReport | None = None
+    model: nn.Module,
+    tokenizer,
+    export_dir: str | os.PathLike,
+    report: PruningReport | None = None,
+    compress: bool = False,
 ) -> pathlib.Path:
-    """``save_pretrained`` (safetensors) + tokenizer + ``pruning_report.json`` + sparsity heat map."""
+    """``save_pretrained`` (safetensors) + tokenizer + ``pruning_report.json`` + sparsity heat map.
+
+    With ``compress``, weights that are at least 25% zeros are stored as a packed bitmask plus their nonzero
+    values in ``model.mosaic.safetensors`` (the file shrinks with the unstructured sparsity); such a directory
+    loads with :func:`mosaic_lightning.load_pruned`, and plain ``from_pretrained`` refuses it (no
+    ``model.safetensors``) rather than silently initialising missing weights.
+    """
     path = check_export_dir(export_dir).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the export should look like any new dir
-        model.save_pretrained(tmp, safe_serialization=True)
+        if compress:
+            _save_compressed(model, tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:
@@ -47,6 +61,18 @@ def save_pruned(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _save_compressed(model: nn.Module, directory: pathlib.Path) -> None:
+    from .compact import COMPRESSED_FILE, compress_state_dict
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    model.config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    save_file(compress_state_dict(state), str(directory / COMPRESSED_FILE), metadata={"format": "pt"})
 
 
 def _umask() -> int:

@@ -35,6 +35,10 @@ class MosaicPruning(L.Callback):
         min_sparsity, max_sparsity: bounds on any projection's sparsity (non-uniform allocations).
         outlier_threshold, owl_lambda: outlier multiple and spread of OWL / Mosaic POD.
         sparsegpt_blocksize, sparsegpt_damp: SparseGPT settings.
+        structured_fraction: share of the pruned weights removed as whole MLP channels / attention heads
+            (composite pruning; compact them with ``CompactOnFitEnd`` or ``compact_model``).
+        structured_units: unit kinds, ``mlp`` and/or ``heads``.
+        uniform_structure: same kept sizes in every layer, so plain ``from_pretrained`` loads the compacted model.
         num_calibration_samples: sequences to calibrate on (from the datamodule's ``calibration_batches`` or its
             train loader). None = the datamodule's own setting, else 128.
         calibration_dataloader: an explicit iterable of ``input_ids`` tensors or dicts holding them.
@@ -55,6 +59,9 @@ class MosaicPruning(L.Callback):
         owl_lambda: float = 0.08,
         sparsegpt_blocksize: int = 128,
         sparsegpt_damp: float = 0.01,
+        structured_fraction: float = 0.0,
+        structured_units: list[str] | None = None,
+        uniform_structure: bool = False,
         num_calibration_samples: int | None = None,
         calibration_dataloader: Iterable | None = None,
         verbose: bool = True,
@@ -73,6 +80,9 @@ class MosaicPruning(L.Callback):
             owl_lambda=owl_lambda,
             sparsegpt_blocksize=sparsegpt_blocksize,
             sparsegpt_damp=sparsegpt_damp,
+            structured_fraction=structured_fraction,
+            structured_units=list(structured_units or ["mlp", "heads"]),
+            uniform_structure=uniform_structure,
         )
         if num_calibration_samples is not None and num_calibration_samples < 1:
             raise ValueError(f"num_calibration_samples={num_calibration_samples}; must be >= 1")
@@ -81,6 +91,8 @@ class MosaicPruning(L.Callback):
         self.verbose = verbose
         self.masks: MaskStore | None = None
         self.report: PruningReport | None = None
+        self.structure: dict[str, list[int]] = {}  # removed units by group key, for compaction
+        self.compacted = False
         self._hooks: list = []
 
     # -- loop events ------------------------------------------------------------------------------------
@@ -97,7 +109,7 @@ class MosaicPruning(L.Callback):
             self.config,
             progress=self.verbose and trainer.is_global_zero,
         )
-        self.masks, self.report = outcome.masks, outcome.report
+        self.masks, self.report, self.structure = outcome.masks, outcome.report, outcome.structure
         for logger in trainer.loggers:
             logger.log_metrics(
                 {"pruning/achieved_sparsity": self.report.achieved_sparsity}, step=trainer.global_step
@@ -152,6 +164,7 @@ class MosaicPruning(L.Callback):
         if state_dict.get("masks") is not None:
             self.masks = MaskStore()
             self.masks.load_state_dict(state_dict["masks"])
+        self.structure = state_dict.get("structure", {})
 
 
 def causal_lm(pl_module: L.LightningModule) -> nn.Module:

@@ -1,0 +1,210 @@
+"""Compaction: physically remove pruned MLP channels and attention heads, so the model really shrinks.
+
+``compact_model`` rebuilds every affected Linear (or GPT-2 Conv1D) with only the kept rows/columns and fixes
+the attention module's head counts; the function is unchanged (removed units were already all-zero).
+The config then records per-layer sizes in ``mosaic_layer_shapes``; when every layer has the same sizes and
+the architecture's config can say so (Llama-family: ``intermediate_size``, ``num_attention_heads`` with an
+explicit ``head_dim``; OPT/GPT-2: MLP width only), the standard fields are updated too and plain
+``AutoModelForCausalLM.from_pretrained`` loads the result. Otherwise :func:`load_pruned` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .adapters import ModelAdapter, Projection
+from .masks import pack_bits, unpack_bits
+from .structure import HEADS, MLP, UnitGroup, attention_shape, unit_groups
+
+SHAPES_KEY = "mosaic_layer_shapes"
+COMPRESSED_FILE = "model.mosaic.safetensors"
+_MLP_FIELDS = ("intermediate_size", "ffn_dim", "n_inner")
+
+
+@torch.no_grad()
+def compact_model(model: nn.Module, structure: dict[str, list[int]], adapter: ModelAdapter | None = None) -> None:
+    """Remove the units listed in ``structure`` (``{"3.mlp": [channels], "3.heads": [heads]}``) in place."""
+    adapter = adapter or ModelAdapter(model)
+    kinds = sorted({key.split(".")[1] for key in structure})
+    groups = {g.key: g for g in unit_groups(adapter, kinds)} if kinds else {}
+    unknown = set(structure) - set(groups)
+    if unknown:
+        raise ValueError(f"structure names unit groups this model does not have: {sorted(unknown)}")
+    shapes = [dict(_current_shape(adapter, layer)) for layer in range(adapter.num_layers)]
+    for key, removed in structure.items():
+        group = groups[key]
+        _remove_units(adapter, group, removed)
+        shapes[group.layer][group.kind] = group.count - len(removed)
+    _update_config(model.config, shapes)
+
+
+def _current_shape(adapter: ModelAdapter, layer: int) -> dict[str, int]:
+    heads, _, head_dim = attention_shape(adapter.model.config)
+    shape = {HEADS: heads}
+    down = next((p for p in adapter.every_projection(layer) if p.name == "down"), None)
+    if down is not None:
+        shape[MLP] = down.in_features
+    return shape
+
+
+def _remove_units(adapter: ModelAdapter, group: UnitGroup, removed: list[int]) -> None:
+    kept_units = [u for u in range(group.count) if u not in set(removed)]
+    if not kept_units:
+        raise ValueError(f"{group.key}: cannot remove every unit")
+    kept = torch.tensor([u * group.size + i for u in kept_units for i in range(group.size)], dtype=torch.long)
+    projs = {p.name: p for p in adapter.every_projection(group.layer)}
+    by_module: dict[int, list[tuple[Projection, str]]] = {}
+    for name in group.rows:
+        by_module.setdefault(id(projs[name].module), []).append((projs[name], "rows"))
+    for name in group.cols:
+        by_module.setdefault(id(projs[name].module), []).append((projs[name], "cols"))
+    for entries in by_module.values():
+        _shrink_module(adapter, entries, kept)
+    if group.kind == HEADS:
+        _set_head_count(adapter, projs["o"], len(kept_units))
+
+
+def _shrink_module(adapter: ModelAdapter, entries: list[tuple[Projection, str]], kept: torch.Tensor) -> None:
+    """Replace one module by a smaller copy keeping ``kept`` rows (per fused part) or columns."""
+    proj = entries[0][0]
+    module = proj.module
+    out_features = module.weight.shape[1] if proj.transposed else module.weight.shape[0]
+    in_features = module.weight.shape[0] if proj.transposed else module.weight.shape[1]
+    rows = torch.arange(out_features)
+    cols = torch.arange(in_features)
+    for part, axis in entries:
+        if axis == "cols":
+            cols = kept
+        else:
+            start = part.rows.start if part.rows is not None else 0
+            stop = part.rows.stop if part.rows is not None else out_features
+            inside = (rows >= start) & (rows < stop)
+            rows = torch.cat([rows[rows < start], start + kept, rows[rows >= stop]]) if inside.any() else rows
+    weight = module.weight.data
+    weight = weight.t() if proj.transposed else weight
+    new_weight = weight[rows][:, cols]
+    bias = getattr(module, "bias", None)
+    if proj.transposed:
+        replacement = type(module)(len(rows), len(cols))
+        replacement.weight = nn.Parameter(new_weight.t().contiguous())
+    else:
+        replacement = nn.Linear(len(cols), len(rows), bias=bias is not None, dtype=weight.dtype, device=weight.device)
+        replacement.weight = nn.Parameter(new_weight.contiguous())
+    if bias is not None:
+        replacement.bias = nn.Parameter(bias.data[rows].clone())
+    parent_name, _, child = adapter.module_name(proj).rpartition(".")
+    setattr(adapter.model.get_submodule(parent_name), child, replacement)
+
+
+def _set_head_count(adapter: ModelAdapter, o_proj: Projection, kept_heads: int) -> None:
+    heads, kv_heads, head_dim = attention_shape(adapter.model.config)
+    attention = adapter.model.get_submodule(adapter.module_name(o_proj).rpartition(".")[0])
+    if hasattr(attention, "num_key_value_groups"):
+        attention.num_key_value_groups = kept_heads // kv_heads
+    if hasattr(attention, "num_heads"):
+        attention.num_heads = kept_heads
+    if hasattr(attention, "split_size"):
+        attention.split_size = kept_heads * head_dim
+
+
+def _update_config(config, shapes: list[dict[str, int]]) -> None:
+    """Record per-layer sizes; update the standard fields when one size fits all layers and they can say it."""
+    setattr(config, SHAPES_KEY, shapes)
+    heads, _, head_dim = attention_shape(config)
+    kept_heads = {s[HEADS] for s in shapes}
+    kept_mlp = {s[MLP] for s in shapes if MLP in s}
+    describable = len(kept_heads) == 1 and len(kept_mlp) <= 1
+    if describable and kept_heads != {heads}:
+        describable = hasattr(config, "head_dim") and hasattr(config, "num_key_value_heads")
+    if not describable:
+        return
+    if kept_heads != {heads}:
+        config.head_dim = head_dim
+        config.num_attention_heads = kept_heads.pop()
+    field = next((name for name in _MLP_FIELDS if hasattr(config, name)), None)
+    if kept_mlp and field is not None:
+        setattr(config, field, kept_mlp.pop())
+    delattr(config, SHAPES_KEY)
+
+
+def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a model saved by :func:`mosaic_lightning.save_pruned`: per-layer shapes and compressed weights.
+
+    Only config JSON and safetensors are read: no pickle, no remote code.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = pathlib.Path(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    shapes = getattr(config, SHAPES_KEY, None)
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=dtype or torch.float32)
+    if shapes is not None:
+        structure = {}
+        for layer, shape in enumerate(shapes):
+            for kind, kept in shape.items():
+                total = _current_shape(ModelAdapter(model), layer)[kind]
+                if kept < total:
+                    structure[f"{layer}.{kind}"] = list(range(kept, total))
+        compact_model(model, structure)
+    state = read_weights(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"{path}: weights do not fit the model: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")  # fmt: skip
+    model.tie_weights()
+    return model.eval()
+
+
+# -- compressed storage of the unstructured part ------------------------------------------------------------
+_MASK_SUFFIX, _VALUES_SUFFIX = ".__mosaic_mask", ".__mosaic_values"
+
+
+def compress_state_dict(state: dict[str, torch.Tensor], min_sparsity: float = 0.25) -> dict[str, torch.Tensor]:
+    """Store each 2-D weight with at least ``min_sparsity`` zeros as packed bitmask + nonzero values."""
+    out = {}
+    for name, tensor in state.items():
+        zeros = (tensor == 0).sum().item() if tensor.dim() == 2 else 0
+        if zeros < min_sparsity * tensor.numel():
+            out[name] = tensor.contiguous()
+            continue
+        nonzero = tensor != 0
+        out[name + _MASK_SUFFIX] = pack_bits(nonzero)
+        out[name + _VALUES_SUFFIX] = tensor[nonzero].contiguous()
+        out[name + ".__mosaic_shape"] = torch.tensor(tensor.shape, dtype=torch.int64)
+    return out
+
+
+def decompress_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in state.items():
+        if name.endswith(_MASK_SUFFIX):
+            base = name.removesuffix(_MASK_SUFFIX)
+            shape = state[base + ".__mosaic_shape"].tolist()
+            values = state[base + _VALUES_SUFFIX]
+            dense = torch.zeros(shape, dtype=values.dtype)
+            dense[unpack_bits(tensor, shape)] = values
+            out[base] = dense
+        elif not (name.endswith(_VALUES_SUFFIX) or name.endswith(".__mosaic_shape")):
+            out[name] = tensor
+    return out
+
+
+def read_weights(path: pathlib.Path) -> dict[str, torch.Tensor]:
+    """All safetensors shards of a directory, decompressed."""
+    if (path / COMPRESSED_FILE).exists():
+        return decompress_state_dict(load_file(path / COMPRESSED_FILE))
+    index = path / "model.safetensors.index.json"
+    files = ["model.safetensors"]
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(path / file))
+    return decompress_state_dict(state)

@@ -24,7 +24,7 @@ class PruningConfig:
         exclude: projections to leave dense, same syntax.
         min_sparsity, max_sparsity: bounds on any one projection's sparsity under non-uniform allocation.
         outlier_threshold: a score is an outlier above this multiple of its group's mean (OWL's M, Mosaic's alpha).
-        owl_lambda: spread of the outlier-weighted allocation: sparsities vary within target +- lambda.
+        owl_lambda: spread of the outlier-weighted allocation: group sparsities span 2*lambda around the target.
         sparsegpt_blocksize, sparsegpt_damp: SparseGPT's column block size and relative Hessian damping.
         structured_fraction: share of the pruned weights removed as whole units (composite pruning), in
             [0, 1]; 0 = unstructured only, 1 = structured only. Robust (few-outlier) units take more of it.
@@ -59,6 +59,24 @@ class PruningConfig:
                 f"min_sparsity={self.min_sparsity}, max_sparsity={self.max_sparsity}; "
                 "need 0 <= min_sparsity <= max_sparsity < 1"
             )
+        if self.allocation != "uniform" and not self.min_sparsity <= self.sparsity <= self.max_sparsity:
+            raise ValueError(
+                f"sparsity={self.sparsity} lies outside min_sparsity={self.min_sparsity}..max_sparsity="
+                f"{self.max_sparsity}, which bound every projection"
+            )
+        if self.outlier_threshold <= 0:
+            raise ValueError(f"outlier_threshold={self.outlier_threshold}; must be > 0 (OWL uses 3..7, often 5)")
+        if not 0 <= self.owl_lambda < 0.5:
+            raise ValueError(f"owl_lambda={self.owl_lambda}; allowed values: 0 <= owl_lambda < 0.5 (OWL: ~0.08)")
+        if isinstance(self.sparsegpt_blocksize, bool) or not isinstance(self.sparsegpt_blocksize, int) or (
+            self.sparsegpt_blocksize < 1
+        ):
+            raise ValueError(f"sparsegpt_blocksize={self.sparsegpt_blocksize!r}; must be a positive integer")
+        if not 0 < self.sparsegpt_damp < 1:
+            raise ValueError(f"sparsegpt_damp={self.sparsegpt_damp}; allowed values: 0 < sparsegpt_damp < 1")
+        for name in ("targets", "exclude"):
+            if isinstance(getattr(self, name), str):
+                raise TypeError(f"{name}={getattr(self, name)!r}; give a list of names or regexes, e.g. ['down']")
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}; allowed values: {sorted(METHODS)}")
         if self.allocation not in ALLOCATIONS:

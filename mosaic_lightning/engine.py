@@ -23,6 +23,7 @@ from .calibration import BlockInputs, capture_block_inputs, collect_statistics, 
 from .config import PruningConfig
 from .masks import MaskStore
 from .methods import PruneResult
+from .methods.wanda import wanda_scores
 from .report import ProjectionReport, PruningReport
 from .structure import (
     UnitGroup,
@@ -86,9 +87,7 @@ def prune_model(
         ratios: dict[str, float] = {}
         if allocation.needs_profile:
             by_group = {p.key: allocation.group(p) for p in projections}
-            group_ratios = _profile_outliers(
-                model, adapter, batches, method, by_group, config.outlier_threshold, progress
-            )
+            group_ratios = _profile_outliers(model, adapter, batches, by_group, config.outlier_threshold, progress)
             ratios = {p.key: group_ratios[by_group[p.key]] for p in projections}
             report.timings["profile"] = time.perf_counter() - clock
         plan = _plan(adapter, config, allocation, ratios, groups)
@@ -138,7 +137,6 @@ def _profile_outliers(
     model: nn.Module,
     adapter: ModelAdapter,
     batches: list[torch.Tensor],
-    method,
     groups: dict[str, str],
     threshold: float,
     progress: bool,
@@ -149,8 +147,9 @@ def _profile_outliers(
     for layer in tqdm(range(adapter.num_layers), desc="outlier profile", disable=not progress):
         # Profiling runs the dense model, so one full pass gives both statistics and the next block's inputs.
         stats, inputs.hidden = _block_statistics(adapter, layer, inputs, hessian=False, keep_outputs=True)
+        # Outliers are counted on Wanda scores whatever the method (as OWL does for SparseGPT too).
         scores = {
-            p.key: method.scores(p.weight_view(), stats[id(p.module)]) for p in adapter.projections(layer)
+            p.key: wanda_scores(p.weight_view(), stats[id(p.module)].column_norms) for p in adapter.projections(layer)
         }
         ratios.update(outlier_ratios(scores, {k: groups[k] for k in scores}, threshold))
     return ratios

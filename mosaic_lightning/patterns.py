@@ -42,7 +42,7 @@ class Unstructured(Pattern):
     def keep_mask(self, scores: torch.Tensor, num_prune: int) -> torch.Tensor:
         if not 0 <= num_prune <= scores.numel():
             raise ValueError(f"num_prune={num_prune} outside [0, {scores.numel()}]")
-        keep = torch.ones_like(scores, dtype=torch.bool)
+        keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)  # contiguous, even for views
         if num_prune == 0:
             return keep
         if self.scope == "layer":
@@ -62,7 +62,7 @@ def _row_keep_mask(scores: torch.Tensor, num_prune: int) -> torch.Tensor:
         next_candidate = scores.gather(1, order[:, per_row : per_row + 1]).squeeze(1)
         counts[torch.topk(next_candidate, extra, largest=False).indices] += 1
     prune_sorted = torch.arange(cols, device=scores.device)[None, :] < counts[:, None]
-    keep = torch.ones_like(scores, dtype=torch.bool)
+    keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
     keep.scatter_(1, order, ~prune_sorted)
     return keep
 
@@ -95,7 +95,7 @@ class NM(Pattern):
             raise ValueError(f"{self.name} prunes exactly {expected} of {rows}x{cols}, not {num_prune}")
         groups = scores.reshape(rows, cols // self.m, self.m)
         idx = torch.topk(groups, self.m - self.n, dim=-1, largest=False).indices
-        keep = torch.ones_like(groups, dtype=torch.bool)
+        keep = torch.ones(groups.shape, dtype=torch.bool, device=groups.device)
         keep.scatter_(-1, idx, False)
         return keep.reshape(rows, cols)
 

@@ -7,6 +7,7 @@ and rounds those into integer prune counts whose sum is exactly ``round(target *
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import torch
@@ -83,10 +84,15 @@ def exact_counts(
     max_sparsity: float,
     goal: int | None = None,
 ) -> dict[str, int]:
-    """Integer prune counts: ``clip(s_p + c)`` with the shift ``c`` solved so the total is exactly on target."""
+    """Integer prune counts: ``clip(s_p + c)`` with the shift ``c`` solved so the total is exactly on target.
+
+    Each count stays within ``[ceil(min * n), floor(max * n)]`` of its projection's size ``n``.
+    """
     total = sum(sizes.values())
     goal = round(target * total) if goal is None else goal
-    if not (min_sparsity * total <= goal <= max_sparsity * total):
+    low = {k: math.ceil(min_sparsity * n - 1e-9) for k, n in sizes.items()}
+    high = {k: math.floor(max_sparsity * n + 1e-9) for k, n in sizes.items()}
+    if not sum(low.values()) <= goal <= sum(high.values()):
         raise ValueError(
             f"min_sparsity={min_sparsity} and max_sparsity={max_sparsity} cannot average to sparsity="
             f"{goal / max(total, 1):.4f} over these projections"
@@ -101,14 +107,14 @@ def exact_counts(
         lo, hi = (mid, hi) if pruned(mid) < goal else (lo, mid)
     shift = (lo + hi) / 2
     raw = {k: n * min(max(sparsity[k] + shift, min_sparsity), max_sparsity) for k, n in sizes.items()}
-    counts = {k: min(int(r), sizes[k]) for k, r in raw.items()}
+    counts = {k: min(max(int(r), low[k]), high[k]) for k, r in raw.items()}
     remainder = goal - sum(counts.values())
-    order = sorted(raw, key=lambda k: raw[k] - counts[k], reverse=remainder > 0)
     step = 1 if remainder > 0 else -1
-    for k in order:
-        if remainder == 0:
-            break
-        if 0 <= counts[k] + step <= sizes[k]:
+    # Largest fractional parts first when adding, smallest first when removing; repeat while room remains.
+    while remainder:
+        order = sorted(raw, key=lambda k: raw[k] - counts[k], reverse=step > 0)
+        movable = [k for k in order if low[k] <= counts[k] + step <= high[k]]
+        for k in movable[: abs(remainder)]:
             counts[k] += step
             remainder -= step
     return counts

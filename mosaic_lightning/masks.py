@@ -30,6 +30,16 @@ def unpack_bits(packed: torch.Tensor, shape: Iterable[int]) -> torch.Tensor:
     return bits.flatten()[:numel].view(shape)
 
 
+def canonical_name(name: str) -> str:
+    """Parameter name as in the plain HF model, also inside a peft wrapper (``base_model.model.``,
+    ``.base_layer.``), so masks keep applying while LoRA adapters are attached."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+def named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {canonical_name(n): p for n, p in model.named_parameters()}
+
+
 class MaskStore:
     """Keep-masks (True = keep) by parameter name."""
 
@@ -48,7 +58,7 @@ class MaskStore:
     @torch.no_grad()
     def apply_(self, model: nn.Module) -> None:
         """Zero every pruned weight of ``model`` in place."""
-        params = dict(model.named_parameters())
+        params = named_parameters(model)
         for name, keep in self.masks.items():
             param = params[name]
             param.data.masked_fill_(~keep.to(param.device), 0)
@@ -56,7 +66,7 @@ class MaskStore:
     @torch.no_grad()
     def zero_optimizer_state_(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
         """Zero optimizer moments of pruned entries, so momentum cannot regrow them after unmasking."""
-        by_param = {id(p): self.masks[n] for n, p in model.named_parameters() if n in self.masks}
+        by_param = {id(p): self.masks[n] for n, p in named_parameters(model).items() if n in self.masks}
         for group in optimizer.param_groups:
             for param in group["params"]:
                 keep = by_param.get(id(param))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterable
 
@@ -14,12 +15,14 @@ from ..config import PruningConfig
 from ..engine import prune_model
 from ..masks import MaskStore
 from ..report import PruningReport
+from ..schedules import OneShot, Schedule
 
 
 class MosaicPruning(L.Callback):
     """Mosaic projection pruning (and Wanda, SparseGPT, magnitude, OWL) as a Lightning callback.
 
-    At fit start the model is pruned one-shot from calibration batches (layer-streamed); after every
+    By default the model is pruned one-shot at fit start from calibration batches (layer-streamed); other
+    schedules prune at a given step or gradually during training. After every
     optimizer step the pruned weights are set back to exactly zero and their optimizer moments cleared, so
     training never regrows them. Masks are saved in and restored from Lightning checkpoints.
 
@@ -39,6 +42,8 @@ class MosaicPruning(L.Callback):
             (composite pruning; compact them with ``CompactOnFitEnd`` or ``compact_model``).
         structured_units: unit kinds, ``mlp`` and/or ``heads``.
         uniform_structure: same kept sizes in every layer, so plain ``from_pretrained`` loads the compacted model.
+        schedule: when to prune: ``OneShot()`` at fit start (default), ``OneShot(at_step=N)``, ``Gradual(...)``
+            (cubic ramp re-scored on recent training batches); see :mod:`mosaic_lightning.schedules`.
         num_calibration_samples: sequences to calibrate on (from the datamodule's ``calibration_batches`` or its
             train loader). None = the datamodule's own setting, else 128.
         calibration_dataloader: an explicit iterable of ``input_ids`` tensors or dicts holding them.
@@ -62,6 +67,7 @@ class MosaicPruning(L.Callback):
         structured_fraction: float = 0.0,
         structured_units: list[str] | None = None,
         uniform_structure: bool = False,
+        schedule: Schedule | None = None,
         num_calibration_samples: int | None = None,
         calibration_dataloader: Iterable | None = None,
         verbose: bool = True,
@@ -84,6 +90,8 @@ class MosaicPruning(L.Callback):
             structured_units=list(structured_units or ["mlp", "heads"]),
             uniform_structure=uniform_structure,
         )
+        self.schedule = schedule or OneShot()
+        self.schedule.validate(self.config.sparsity)
         if num_calibration_samples is not None and num_calibration_samples < 1:
             raise ValueError(f"num_calibration_samples={num_calibration_samples}; must be >= 1")
         self.num_calibration_samples = num_calibration_samples
@@ -97,48 +105,63 @@ class MosaicPruning(L.Callback):
 
     # -- loop events ------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.schedule.check_run(trainer)
         model = causal_lm(pl_module)
         if self.masks is not None:  # restored from a checkpoint or pruned in an earlier fit
             self.masks.apply_(model)
             return
-        if trainer.ckpt_path is not None:  # masks arrive with the checkpoint (DeepSpeed restores after this)
+        if trainer.ckpt_path is not None:  # state arrives with the checkpoint (DeepSpeed restores after this)
             return
-        outcome = prune_model(
-            model,
-            self._calibration_batches(trainer),
-            self.config,
-            progress=self.verbose and trainer.is_global_zero,
-        )
-        self.masks, self.report, self.structure = outcome.masks, outcome.report, outcome.structure
-        for logger in trainer.loggers:
-            logger.log_metrics(
-                {"pruning/achieved_sparsity": self.report.achieved_sparsity}, step=trainer.global_step
-            )
-        if self.verbose:
-            rank_zero_info(self.report.format_table())
+        if self.schedule.prunes_at_fit_start:
+            self.prune(trainer, model, self.config.sparsity, self.calibration_batches(trainer))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.masks is None:
+        if self.schedule.prunes_at_fit_start and self.masks is None:
             raise RuntimeError("MosaicPruning: resumed from a checkpoint that holds no pruning masks")
         model = causal_lm(pl_module)
-        self.masks.apply_(model)
+        if self.masks is not None:
+            self.masks.apply_(model)
         for optimizer in trainer.optimizers:
             self._hooks.append(optimizer.register_step_post_hook(self._after_step_hook(model)))
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self.schedule.on_train_batch_start(self, trainer, causal_lm(pl_module), batch)
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.schedule.on_after_backward(self, trainer, causal_lm(pl_module))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        self.schedule.on_train_batch_end(self, trainer, causal_lm(pl_module))
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.schedule.on_train_end(self, trainer, causal_lm(pl_module))
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
 
     def _after_step_hook(self, model: nn.Module):
         def hook(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-            self.masks.apply_(model)
-            self.masks.zero_optimizer_state_(optimizer, model)
+            if self.masks is not None:
+                self.masks.apply_(model)
+                self.masks.zero_optimizer_state_(optimizer, model)
 
         return hook
 
+    # -- the pruning action (schedules decide when) ----------------------------------------------------
+    def prune(self, trainer: L.Trainer, model: nn.Module, sparsity: float, batches: list[torch.Tensor]) -> None:
+        """Prune ``model`` to ``sparsity`` now, replacing the masks, report and structure."""
+        config = dataclasses.replace(self.config, sparsity=sparsity)
+        outcome = prune_model(model, batches, config, progress=self.verbose and trainer.is_global_zero)
+        self.masks, self.report, self.structure = outcome.masks, outcome.report, outcome.structure
+        for optimizer in trainer.optimizers:
+            self.masks.zero_optimizer_state_(optimizer, model)
+        for logger in trainer.loggers:
+            logger.log_metrics({"pruning/achieved_sparsity": self.report.achieved_sparsity}, step=trainer.global_step)
+        if self.verbose:
+            rank_zero_info(self.report.format_table())
+
     # -- calibration data -------------------------------------------------------------------------------
-    def _calibration_batches(self, trainer: L.Trainer) -> list[torch.Tensor]:
+    def calibration_batches(self, trainer: L.Trainer) -> list[torch.Tensor]:
         if self.calibration_dataloader is not None:
             source = self.calibration_dataloader
         else:
@@ -165,6 +188,7 @@ class MosaicPruning(L.Callback):
             self.masks = MaskStore()
             self.masks.load_state_dict(state_dict["masks"])
         self.structure = state_dict.get("structure", {})
+        self.schedule.load_state_dict(state_dict.get("schedule", {}))
 
 
 def causal_lm(pl_module: L.LightningModule) -> nn.Module:

@@ -27,6 +27,22 @@ ROWS = [
     ("wanda", "mosaic"),
 ]
 SETTINGS = [(0.5, "unstructured"), (0.7, "unstructured"), (0.5, "2:4")]
+# Composite suite: equal parameter reduction, structured share of the pruned weights 0 / 0.62 / 1.
+COMPOSITE = [(s, f) for s in (0.3, 0.5) for f in (0.0, 0.62, 1.0)]
+
+
+def configs(suite: str) -> list[PruningConfig]:
+    if suite == "composite":
+        return [
+            PruningConfig(s, "wanda", "mosaic", structured_fraction=f, uniform_structure=True) for s, f in COMPOSITE
+        ]
+    return [
+        PruningConfig(sparsity=sparsity, method=method, allocation=allocation, pattern=pattern)
+        for sparsity, pattern in SETTINGS
+        for method, allocation in ROWS
+        # N:M fixes every projection's sparsity: per-projection allocation does not apply
+        if pattern == "unstructured" or allocation == "uniform"
+    ]
 
 
 def windows(texts: list[str], tokenizer, seq_len: int) -> TokenWindows:
@@ -39,6 +55,7 @@ def main() -> None:
     parser.add_argument("--calibration-samples", type=int, default=32)
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--suite", choices=["core", "composite"], default="core")
     parser.add_argument("--out", default="bench/out/quality.json")
     args = parser.parse_args()
 
@@ -53,34 +70,35 @@ def main() -> None:
     results = [{"method": "dense", "allocation": "-", "sparsity": 0.0, "pattern": "-",
                 "ppl": perplexity(load_causal_lm(BUNDLED_MODEL), evaluation, progress=False)}]  # fmt: skip
     print(f"dense ppl {results[0]['ppl']:.3f}", flush=True)
-    for sparsity, pattern in SETTINGS:
-        for method, allocation in ROWS:
-            if pattern != "unstructured" and allocation != "uniform":
-                continue  # N:M fixes every projection's sparsity: per-projection allocation does not apply
-            model = load_causal_lm(BUNDLED_MODEL)
-            config = PruningConfig(sparsity=sparsity, method=method, allocation=allocation, pattern=pattern)
-            clock = time.perf_counter()
-            outcome = prune_model(model, calibration, config, progress=False)
-            row = {
-                "method": method,
-                "allocation": allocation,
-                "sparsity": sparsity,
-                "pattern": pattern,
-                "achieved_sparsity": outcome.report.achieved_sparsity,
-                "prune_s": time.perf_counter() - clock,
-                "ppl": perplexity(model, evaluation, progress=False),
-            }
-            results.append(row)
-            print(json.dumps(row), flush=True)
+    for config in configs(args.suite):
+        model = load_causal_lm(BUNDLED_MODEL)
+        clock = time.perf_counter()
+        outcome = prune_model(model, calibration, config, progress=False)
+        row = {
+            "method": config.method,
+            "allocation": config.allocation,
+            "sparsity": config.sparsity,
+            "pattern": config.pattern,
+            "structured_fraction": config.structured_fraction,
+            "achieved_sparsity": outcome.report.achieved_sparsity,
+            "structured_share": outcome.report.structured_params_removed / outcome.report.params_targeted,
+            "prune_s": time.perf_counter() - clock,
+            "ppl": perplexity(model, evaluation, progress=False),
+        }
+        results.append(row)
+        print(json.dumps(row), flush=True)
 
     print(f"\ncalibration {args.calibration_samples} x {args.seq_len} tokens, eval {args.eval_windows} x "
           f"{args.seq_len} tokens (held-out articles)")  # fmt: skip
-    print(f"{'method':<10} {'allocation':<9} {'setting':<8} {'achieved':>9} {'ppl':>10} {'prune s':>8}")
+    print(
+        f"{'method':<10} {'allocation':<9} {'setting':<8} {'achieved':>9} {'structural':>10} {'ppl':>10} {'prune s':>8}"
+    )
     for r in results:
         setting = "dense" if r["method"] == "dense" else (f"{r['sparsity']:.0%}" if r["pattern"] == "unstructured"
                                                           else r["pattern"])  # fmt: skip
         achieved = f"{r.get('achieved_sparsity', 0):.4f}"
-        print(f"{r['method']:<10} {r['allocation']:<9} {setting:<8} {achieved:>9} {r['ppl']:>10.3f} "
+        structural = f"{r.get('structured_share', 0):.4f}"
+        print(f"{r['method']:<10} {r['allocation']:<9} {setting:<8} {achieved:>9} {structural:>10} {r['ppl']:>10.3f} "
               f"{r.get('prune_s', 0):>8.1f}")  # fmt: skip
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

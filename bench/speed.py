@@ -96,9 +96,7 @@ def main() -> None:
               f"{s['median_rss_after_load_mb']:>15.0f}")  # fmt: skip
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps({"args": vars(args), "tokens": tokens, "runs": runs, "summary": summary}, indent=2)
-    )
+    out.write_text(json.dumps({"args": vars(args), "tokens": tokens, "runs": runs, "summary": summary}, indent=2))
 
 
 if __name__ == "__main__":

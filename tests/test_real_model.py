@@ -194,3 +194,30 @@ def test_cli_rejects_bad_sparsity_before_loading(tmp_path):
     )
     assert result.returncode != 0
     assert "sparsity" in result.stderr and "0 <= sparsity < 1" in result.stderr
+
+
+@torch.no_grad()
+def test_composite_compaction_on_real_model(calibration_batches, tmp_path):
+    """31% of projection weights removed as units: compacted logits equal masked ones (fp64 to rule out
+    summation-order noise; fp32 differs by ~1e-4 on logits of ~30), and plain transformers loads the export."""
+    from transformers import AutoModelForCausalLM
+
+    from mosaic_lightning import compact_model, save_pruned
+
+    model = load_causal_lm(BUNDLED_MODEL)
+    config = PruningConfig(0.5, "wanda", "mosaic", structured_fraction=0.62, uniform_structure=True)
+    outcome = prune_model(model, calibration_batches[:1], config, progress=False)
+    model.double()
+    assert abs(outcome.report.achieved_sparsity - 0.5) < 1e-3
+    assert outcome.report.structured_params_removed / outcome.report.params_targeted >= 0.30
+    ids = calibration_batches[1][:1]
+    masked = model(input_ids=ids).logits
+    before = sum(p.numel() for p in model.parameters())
+    compact_model(model, outcome.structure)
+    assert before - sum(p.numel() for p in model.parameters()) >= outcome.report.structured_params_removed
+    torch.testing.assert_close(model(input_ids=ids).logits, masked, rtol=0, atol=1e-5)
+
+    save_pruned(model.float(), None, tmp_path / "compacted")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "compacted", dtype=torch.float32).eval()
+    assert plain.config.num_attention_heads < 9 and plain.config.intermediate_size < 1536
+    torch.testing.assert_close(plain(input_ids=ids).logits.double(), masked, rtol=0, atol=1e-3)

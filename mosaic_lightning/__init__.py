@@ -1,7 +1,7 @@
 """mosaic-lightning: composite projection pruning for LLMs as PyTorch Lightning callbacks."""
 
 from .adapters import ArchitectureSpec, ModelAdapter
-from .callbacks import CompactOnFitEnd, MosaicPruning
+from .callbacks import CompactOnFitEnd, LoRARecovery, MosaicPruning
 from .compact import compact_model, load_pruned
 from .config import PruningConfig
 from .engine import PruningOutcome, prune_model
@@ -15,6 +15,7 @@ __all__ = [
     "ArchitectureSpec",
     "CausalLM",
     "CompactOnFitEnd",
+    "LoRARecovery",
     "MaskStore",
     "ModelAdapter",
     "MosaicPruning",

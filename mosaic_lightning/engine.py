@@ -252,14 +252,24 @@ def _drop_weights(projs: list[Projection], pending: _Pending) -> None:
 @torch.no_grad()
 def _commit(adapter: ModelAdapter, pending: _Pending) -> MaskStore:
     """Write every pending result into the model and build the parameter-level mask store."""
+    for proj in adapter.all_projections():
+        if proj.key in pending.weights:
+            proj.weight_view().copy_(pending.weights[proj.key])
+    return commit_masks(adapter, pending.keeps)
+
+
+@torch.no_grad()
+def commit_masks(adapter: ModelAdapter, keeps: dict[str, torch.Tensor]) -> MaskStore:
+    """Parameter-level mask store from ``[out, in]`` keep masks by projection key, applied to the model.
+
+    Shared by the engine and solvers that choose masks themselves (ADMM), so fused and transposed
+    projections (GPT-2's ``c_attn``) are laid out in one place.
+    """
     masks = MaskStore()
     full_masks: dict[str, torch.Tensor] = {}
     for proj in adapter.all_projections():
-        keep = pending.keeps[proj.key]
-        if proj.key in pending.weights:
-            proj.weight_view().copy_(pending.weights[proj.key])
         mask = full_masks.setdefault(proj.param_name, torch.ones_like(proj.weight, dtype=torch.bool))
-        proj.to_param_layout(keep, mask)
+        proj.to_param_layout(keeps[proj.key], mask)
     for name, mask in full_masks.items():
         masks.set(name, mask)
     masks.apply_(adapter.model)

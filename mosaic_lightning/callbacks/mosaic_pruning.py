@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from ..config import PruningConfig
-from ..engine import prune_model
+from ..engine import PruningOutcome, prune_model
 from ..masks import MaskStore
 from ..report import PruningReport
 from ..schedules import OneShot, Schedule
@@ -152,6 +152,11 @@ class MosaicPruning(L.Callback):
         """Prune ``model`` to ``sparsity`` now, replacing the masks, report and structure."""
         config = dataclasses.replace(self.config, sparsity=sparsity)
         outcome = prune_model(model, batches, config, progress=self.verbose and trainer.is_global_zero)
+        self.adopt(trainer, model, outcome)
+
+    def adopt(self, trainer: L.Trainer, model: nn.Module, outcome: PruningOutcome) -> None:
+        """Take masks, report and structure as the current pruning (from ``prune`` or a schedule's own solver,
+        e.g. ADMM), so every source clears moments, logs and reports the same way."""
         self.masks, self.report, self.structure = outcome.masks, outcome.report, outcome.structure
         for optimizer in trainer.optimizers:
             self.masks.zero_optimizer_state_(optimizer, model)
@@ -181,6 +186,8 @@ class MosaicPruning(L.Callback):
         return {
             "config": self.config.to_dict(),
             "masks": None if self.masks is None else self.masks.state_dict(),
+            "structure": self.structure,
+            "schedule": self.schedule.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -147,6 +147,8 @@ def _profile_outliers(
     for layer in tqdm(range(adapter.num_layers), desc="outlier profile", disable=not progress):
         # Profiling runs the dense model, so one full pass gives both statistics and the next block's inputs.
         stats, inputs.hidden = _block_statistics(adapter, layer, inputs, hessian=False, keep_outputs=True)
+        for stat in stats.values():
+            stat.all_reduce()  # under DDP every rank profiles its own share; all see the sum
         # Outliers are counted on Wanda scores whatever the method (as OWL does for SparseGPT too).
         scores = {
             p.key: wanda_scores(p.weight_view(), stats[id(p.module)].column_norms) for p in adapter.projections(layer)

@@ -167,19 +167,18 @@ class MosaicPruning(L.Callback):
 
     # -- calibration data -------------------------------------------------------------------------------
     def calibration_batches(self, trainer: L.Trainer) -> list[torch.Tensor]:
+        """This rank's calibration batches. Under DDP each rank takes every world_size-th batch, and the
+        engine sums statistics over ranks, so all ranks derive the same masks from all ranks' batches."""
         if self.calibration_dataloader is not None:
-            source = self.calibration_dataloader
-        else:
-            datamodule = trainer.datamodule
-            if datamodule is not None and hasattr(datamodule, "calibration_batches"):
-                return datamodule.calibration_batches(self.num_calibration_samples)
-            trainer.fit_loop.setup_data()
-            source = trainer.train_dataloader
-        if source is None:
-            raise ValueError(
-                "MosaicPruning: no calibration data; pass calibration_dataloader or a train dataloader"
-            )
-        return _take_samples(source, self.num_calibration_samples or 128)
+            return _shard(_take_samples(self.calibration_dataloader, self.num_calibration_samples or 128), trainer)
+        datamodule = trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "calibration_batches"):
+            return _shard(datamodule.calibration_batches(self.num_calibration_samples), trainer)
+        trainer.fit_loop.setup_data()
+        if trainer.train_dataloader is None:
+            raise ValueError("MosaicPruning: no calibration data; pass calibration_dataloader or a train dataloader")
+        # Lightning's distributed sampler already gives each rank its own share of the train loader.
+        return _take_samples(trainer.train_dataloader, self.num_calibration_samples or 128)
 
     # -- checkpointing ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -209,6 +208,15 @@ def causal_lm(pl_module: L.LightningModule) -> nn.Module:
         f"{type(pl_module).__name__} exposes no Hugging Face causal LM: set it as `self.model` "
         "(see mosaic_lightning.CausalLM)"
     )
+
+
+def _shard(batches: list[torch.Tensor], trainer: L.Trainer) -> list[torch.Tensor]:
+    world, rank = trainer.world_size, trainer.global_rank
+    if world == 1:
+        return batches
+    if len(batches) < world:
+        raise ValueError(f"{len(batches)} calibration batches cannot be shared by {world} ranks; give more samples")
+    return batches[rank::world]
 
 
 def _take_samples(source: Iterable, num_samples: int) -> list[torch.Tensor]:

@@ -1,0 +1,59 @@
+"""Run by tests/test_distributed.py as its own process tree: Lightning DDP on CPU (gloo), 2 ranks.
+
+Each rank writes its masks, its pruned weights after training and the calibration batches it saw.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import make_llama  # noqa: E402
+
+from mosaic_lightning import MosaicPruning  # noqa: E402
+
+
+class TinyLM(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = make_llama()
+
+    def training_step(self, batch, batch_idx):
+        return self.model(input_ids=batch, labels=batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def calibration() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    return [torch.randint(0, 128, (2, 16), generator=g) for _ in range(4)]
+
+
+def main(out: Path, method: str) -> None:
+    torch.manual_seed(0)
+    module = TinyLM()
+    callback = MosaicPruning(sparsity=0.5, method=method, allocation="mosaic", calibration_dataloader=calibration(),
+                             verbose=False)  # fmt: skip
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=3, callbacks=[callback],
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)  # fmt: skip
+    data = torch.randint(0, 128, (16, 16), generator=torch.Generator().manual_seed(5))
+    trainer.fit(module, DataLoader(data, batch_size=2))
+    torch.save(
+        {
+            "masks": {name: keep.clone() for name, keep in callback.masks.masks.items()},
+            "weights": {name: p.detach().clone() for name, p in module.model.named_parameters()},
+            "world_size": trainer.world_size,
+        },
+        out / f"rank{trainer.global_rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2])

@@ -1,0 +1,352 @@
+"""ADMM schedule (Elsa): exact projection, penalty gradient, z/u updates, exact final sparsity that holds under
+further Adam steps, resume equality, bad input."""
+
+from __future__ import annotations
+
+import types
+
+import lightning as L
+import pytest
+import torch
+from conftest import TARGET_PARAMS, make_gpt2, make_llama
+from torch.utils.data import DataLoader
+
+from mosaic_lightning import MosaicPruning
+from mosaic_lightning.adapters import ModelAdapter
+from mosaic_lightning.patterns import parse_pattern
+from mosaic_lightning.schedules import ADMM, prune_counts, sparse_projection
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+
+
+class TinyLM(L.LightningModule):
+    def __init__(self, arch: str = "llama", optimizer: str = "adam", lr: float = 1e-2) -> None:
+        super().__init__()
+        self.model = (make_llama if arch == "llama" else make_gpt2)().train()
+        self.optimizer, self.lr = optimizer, lr
+
+    def training_step(self, batch, batch_idx):
+        return self.model(input_ids=batch, labels=batch, use_cache=False).loss
+
+    def configure_optimizers(self):
+        cls = torch.optim.Adam if self.optimizer == "adam" else torch.optim.SGD
+        return cls(self.parameters(), lr=self.lr)
+
+
+def _loader() -> DataLoader:
+    """Four batches per epoch, so a checkpoint at step 4 falls on an epoch boundary."""
+    data = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(3))
+    return DataLoader(data, batch_size=2)
+
+
+def _trainer(callbacks: list, max_steps: int) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", max_steps=max_steps, callbacks=callbacks, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+
+
+def _callback(schedule: ADMM, **kwargs) -> MosaicPruning:
+    kwargs = {"sparsity": 0.8, "method": "magnitude", "allocation": "uniform", "verbose": False} | kwargs
+    return MosaicPruning(schedule=schedule, **kwargs)
+
+
+def _fake_trainer(step: int = 0, accumulate: int = 1) -> types.SimpleNamespace:
+    """What the schedule's hooks read from a trainer, for driving them by hand."""
+    return types.SimpleNamespace(global_step=step, accumulate_grad_batches=accumulate, precision_plugin=None)
+
+
+def _out_in_views(model, arch: str) -> dict[str, torch.Tensor]:
+    """``[out, in]`` views of the targeted weights, written out by hand (Conv1D transposed, c_attn split in 3)."""
+    params = dict(model.named_parameters())
+    if arch == "llama":
+        return {name: params[name] for name in TARGET_PARAMS["llama"]}
+    views = {}
+    for name in TARGET_PARAMS["gpt2"]:
+        w = params[name].t()
+        if name.endswith("c_attn.weight"):
+            size = w.shape[0] // 3
+            views.update({f"{name}[{i}]": w[i * size : (i + 1) * size] for i in range(3)})
+        else:
+            views[name] = w
+    return views
+
+
+def _keys_in_order(model) -> list[str]:
+    return [p.key for p in ModelAdapter(model).all_projections()]
+
+
+# -- the projection -------------------------------------------------------------------------------------
+def test_projection_layer_scope_prunes_exactly_the_smallest():
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    z, keep = sparse_projection(x, 77, parse_pattern("unstructured-layer"))
+    assert int((~keep).sum()) == 77
+    smallest = set(sorted(range(x.numel()), key=lambda i: abs(float(x.flatten()[i])))[:77])
+    assert {i for i in range(x.numel()) if not keep.flatten()[i]} == smallest
+    assert torch.equal(z, torch.where(keep, x, torch.zeros_like(x)))
+
+
+def test_projection_row_scope_is_the_nearest_point_with_those_counts():
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    z, keep = sparse_projection(x, 77, parse_pattern("unstructured"))
+    per_row = (~keep).sum(dim=1)
+    assert int(per_row.sum()) == 77
+    assert sorted(per_row.tolist()) == [9] * 3 + [10] * 5  # 77 = 8 * 9 + 5
+    for r in range(8):  # within a row, every pruned |x| is below every kept one
+        assert x[r][~keep[r]].abs().max() < x[r][keep[r]].abs().min()
+    # Independently: the least removed energy with 9 per row and 5 rows at 10 takes each row's 9 smallest plus
+    # the 5 smallest 10th-smallest values.
+    sq = [sorted(float(v) ** 2 for v in row) for row in x]
+    optimum = sum(sum(row[:9]) for row in sq) + sum(sorted(row[9] for row in sq)[:5])
+    assert float((x - z).square().sum()) == pytest.approx(optimum, rel=1e-6)
+
+
+def test_projection_2_of_4_keeps_the_two_largest_per_group():
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(2))
+    z, keep = sparse_projection(x, 6 * 16 // 2, parse_pattern("2:4"))
+    groups, kept = x.abs().reshape(6, 4, 4), keep.reshape(6, 4, 4)
+    assert (kept.sum(dim=-1) == 2).all()
+    top2 = groups.topk(2, dim=-1).indices
+    expected = torch.zeros_like(kept).scatter_(-1, top2, True)
+    assert torch.equal(kept, expected)
+    assert torch.equal(z, x * keep)
+
+
+def test_prune_counts_are_exact_for_uniform_and_outlier_allocations(llama):
+    adapter = ModelAdapter(llama)
+    total = sum(p.numel for p in adapter.all_projections())
+    uniform, ratios = prune_counts(adapter, _callback(ADMM()).config)
+    assert sum(uniform.values()) == round(0.8 * total) and not ratios
+    assert all(abs(uniform[p.key] - 0.8 * p.numel) <= 1 for p in adapter.all_projections())
+    mosaic, ratios = prune_counts(adapter, _callback(ADMM(), allocation="mosaic", max_sparsity=0.95).config)
+    assert sum(mosaic.values()) == round(0.8 * total) and set(ratios) == set(mosaic)
+
+
+# -- the ADMM steps, driven by hand ----------------------------------------------------------------------
+def _started(arch: str, rho: float = 0.3) -> tuple[TinyLM, MosaicPruning, ADMM]:
+    """A schedule started on a tiny model, with a random nonzero U so every term of the updates matters."""
+    module, schedule = TinyLM(arch), ADMM(rho=rho, projection_every=2)
+    pattern, sparsity = ("2:4", 0.5) if arch == "gpt2" else ("unstructured", 0.8)
+    callback = _callback(schedule, pattern=pattern, sparsity=sparsity)
+    schedule.on_train_batch_start(callback, _fake_trainer(0), module.model, None)
+    g = torch.Generator().manual_seed(5)
+    schedule.u = {k: 0.01 * torch.randn(u.shape, generator=g) for k, u in schedule.u.items()}
+    return module, callback, schedule
+
+
+def _loss_grads(module: TinyLM) -> dict[str, torch.Tensor]:
+    module.model.zero_grad()
+    torch.manual_seed(11)  # the same dropout draws on every call
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(7))
+    module.training_step(ids, 0).backward()
+    return {n: p.grad.clone() for n, p in module.model.named_parameters()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_penalty_gradient_is_rho_times_w_minus_z_plus_u(arch):
+    module, callback, schedule = _started(arch)
+    plain = _loss_grads(module)
+    _loss_grads(module)
+    schedule.on_after_backward(callback, _fake_trainer(0), module.model)
+    with_penalty = {n: p.grad.clone() for n, p in module.model.named_parameters()}
+
+    # Autograd of the explicit penalty rho/2 sum ||W - Z + U||^2 over the hand-written [out, in] views.
+    module.model.zero_grad()
+    views = _out_in_views(module.model, arch)
+    keys = _keys_in_order(module.model)
+    assert len(views) == len(keys)
+    penalty = sum((w - schedule.z[k] + schedule.u[k]).square().sum() for w, k in zip(views.values(), keys, strict=True))
+    (schedule.rho / 2 * penalty).backward()
+    for name, param in module.model.named_parameters():
+        expected = param.grad if param.grad is not None else torch.zeros_like(param)
+        torch.testing.assert_close(with_penalty[name] - plain[name], expected, rtol=1e-5, atol=1e-7, msg=name)
+    assert any(float(p.grad.abs().max()) > 0 for p in module.model.parameters() if p.grad is not None)
+
+
+def test_penalty_follows_gradient_accumulation():
+    module, callback, schedule = _started("llama")
+    for p in module.model.parameters():
+        p.grad = torch.zeros_like(p)
+    schedule.on_after_backward(callback, _fake_trainer(0, accumulate=1), module.model)
+    once = {n: p.grad.clone() for n, p in module.model.named_parameters()}
+    module.model.zero_grad(set_to_none=False)
+    schedule.on_after_backward(callback, _fake_trainer(0, accumulate=4), module.model)
+    for n, p in module.model.named_parameters():
+        torch.testing.assert_close(p.grad * 4, once[n])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_z_and_u_updates(arch):
+    module, callback, schedule = _started(arch)
+    pattern = callback.config.build_pattern()
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # as if the optimizer had moved W
+    views = _out_in_views(module.model, arch).values()
+    weights = {k: w.detach().float() for k, w in zip(_keys_in_order(module.model), views, strict=True)}
+    old_z, old_u = dict(schedule.z), dict(schedule.u)
+
+    schedule.on_train_batch_end(callback, _fake_trainer(1), module.model)  # not a projection step
+    assert all(schedule.z[k] is old_z[k] and schedule.u[k] is old_u[k] for k in old_z)
+    schedule.on_train_batch_end(callback, _fake_trainer(2), module.model)
+    for key, w in weights.items():
+        x = w + old_u[key]
+        keep = pattern.keep_mask(x.abs(), schedule.counts[key])
+        torch.testing.assert_close(schedule.z[key], torch.where(keep, x, torch.zeros_like(x)), rtol=0, atol=0)
+        torch.testing.assert_close(schedule.u[key], old_u[key] + w - schedule.z[key], rtol=1e-6, atol=1e-8)
+    assert schedule.num_projections == 1
+
+    # Gradient accumulation: more batches ending on step 2 must not project again.
+    z_after = dict(schedule.z)
+    schedule.on_train_batch_end(callback, _fake_trainer(2), module.model)
+    assert all(schedule.z[k] is z_after[k] for k in z_after) and schedule.num_projections == 1
+
+
+# -- in a real fit --------------------------------------------------------------------------------------
+class _Spy(L.Callback):
+    """Zero fraction of the targeted weights after every batch, and a weight snapshot at one step."""
+
+    def __init__(self, snapshot_step: int) -> None:
+        self.snapshot_step, self.zero_fractions, self.snapshot = snapshot_step, [], {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        params = dict(pl_module.model.named_parameters())
+        zeros = sum(int((params[n] == 0).sum()) for n in TARGET_PARAMS["llama"])
+        self.zero_fractions.append(zeros / sum(params[n].numel() for n in TARGET_PARAMS["llama"]))
+        if trainer.global_step == self.snapshot_step:
+            self.snapshot = {n: params[n].detach().clone() for n in TARGET_PARAMS["llama"]}
+
+
+def test_fit_prunes_exactly_at_end_step_and_pruned_weights_stay_zero_under_adam():
+    callback, spy = _callback(ADMM(rho=0.5, projection_every=2, end_step=4)), _Spy(snapshot_step=4)
+    module = TinyLM()
+    trainer = _trainer([callback, spy], max_steps=8)
+    trainer.fit(module, _loader())
+
+    assert spy.zero_fractions[:3] == [0.0, 0.0, 0.0]  # dense during ADMM
+    params = dict(module.model.named_parameters())
+    total = sum(params[n].numel() for n in TARGET_PARAMS["llama"])
+    assert set(callback.masks.masks) == set(TARGET_PARAMS["llama"])
+    assert callback.masks.num_pruned() == round(0.8 * total)
+    optimizer = trainer.optimizers[0]
+    for name in TARGET_PARAMS["llama"]:
+        keep = callback.masks.masks[name]
+        assert int((params[name] == 0).sum()) == int((~keep).sum())  # the zeros are exactly the pruned set
+        assert abs(int((~keep).sum()) - 0.8 * keep.numel()) <= 1
+        assert torch.equal(spy.snapshot[name] == 0, ~keep)  # pruned at step 4 ...
+        assert not torch.equal(params[name][keep], spy.snapshot[name][keep])  # ... then 4 more Adam steps
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert (optimizer.state[params[name]][moment][~keep] == 0).all()
+    assert spy.zero_fractions[3:] == [pytest.approx(round(0.8 * total) / total, abs=0)] * 5
+    report = callback.report
+    assert report.achieved_sparsity == round(0.8 * total) / total  # exact counts: 0.8 up to one weight
+    assert all(p.requested_sparsity == p.achieved_sparsity for p in report.projections)
+    assert report.metrics["admm_z_steps"] == 2
+
+
+def test_admm_pulls_the_pruned_weights_to_zero():
+    """With a strong penalty the weights outside Z's support shrink, so the hard prune removes little."""
+    schedule = ADMM(rho=5.0, projection_every=2)
+    callback = _callback(schedule)
+    module = TinyLM(optimizer="sgd", lr=0.1)
+    trainer = _trainer([callback], max_steps=8)
+    trainer.fit(module, _loader())
+    assert callback.report.metrics["admm_primal_residual"] < 0.2
+    assert callback.report.metrics["admm_support_agreement"] > 0.9
+
+
+def test_gpt2_two_of_four_after_fit():
+    callback = _callback(ADMM(rho=0.5, projection_every=1), sparsity=0.5, pattern="2:4")
+    module = TinyLM("gpt2")
+    _trainer([callback], max_steps=3).fit(module, _loader())
+    for view in _out_in_views(module.model, "gpt2").values():
+        kept = (view != 0).reshape(view.shape[0], -1, 4).sum(dim=-1)
+        assert (kept == 2).all()
+    assert callback.report.achieved_sparsity == 0.5
+
+
+# -- resume ---------------------------------------------------------------------------------------------
+class _Killed(Exception):
+    pass
+
+
+class _SaveAndDie(L.Callback):
+    """Saves a checkpoint after ``step`` optimizer steps (as ModelCheckpoint would), then kills the run."""
+
+    def __init__(self, step: int, path) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+            raise _Killed
+
+
+def _run(ckpt_path=None, kill=None, **kwargs) -> tuple[TinyLM, MosaicPruning]:
+    torch.manual_seed(0)
+    callback = _callback(ADMM(rho=0.5, projection_every=3), **kwargs)
+    module = TinyLM()
+    trainer = _trainer([callback] + ([kill] if kill else []), max_steps=8)
+    trainer.fit(module, _loader(), ckpt_path=ckpt_path)
+    return module, callback
+
+
+def test_resume_mid_admm_equals_uninterrupted_run(tmp_path):
+    full, full_cb = _run()
+    with pytest.raises(_Killed):
+        _run(kill=_SaveAndDie(4, tmp_path / "mid.ckpt"))
+    saved = torch.load(tmp_path / "mid.ckpt", weights_only=False)
+    state = next(v for k, v in saved["callbacks"].items() if "MosaicPruning" in k)["schedule"]
+    assert state["started_at"] == 0 and state["num_projections"] == 1 and not state["finished"]
+    assert any(float(u.abs().max()) > 0 for u in state["u"].values())  # mid-ADMM: a live residual to restore
+
+    resumed, resumed_cb = _run(ckpt_path=tmp_path / "mid.ckpt")
+    for name, value in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    assert resumed_cb.masks.masks.keys() == full_cb.masks.masks.keys()
+    for name, keep in full_cb.masks.masks.items():
+        assert torch.equal(resumed_cb.masks.masks[name], keep)
+    assert resumed_cb.report.metrics["admm_z_steps"] == full_cb.report.metrics["admm_z_steps"] == 2
+    with pytest.raises(ValueError, match="resume with the targets"):
+        _run(ckpt_path=tmp_path / "mid.ckpt", targets=["q", "k"])
+
+
+# -- bad input ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"rho": 0.0}, "rho=0.0"),
+        ({"rho": -1}, "rho=-1"),
+        ({"rho": float("nan")}, "rho=nan"),
+        ({"rho": True}, "rho=True"),
+        ({"projection_every": 0}, "projection_every=0"),
+        ({"projection_every": 2.5}, "projection_every=2.5"),
+        ({"start_step": -1}, "start_step=-1"),
+        ({"start_step": 5, "end_step": 5}, "end_step=5"),
+    ],
+)
+def test_bad_arguments_name_the_field(kwargs, field):
+    with pytest.raises(ValueError) as info:
+        ADMM(**kwargs)
+    assert field in str(info.value) and "allowed values" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "kwargs", "message"),
+    [
+        (ADMM(end_step=50), {}, "end_step=50 lies outside the run"),
+        (ADMM(start_step=10), {}, "start_step=10 leaves no step"),
+        (ADMM(), {"sparsity": 0.5, "structured_fraction": 0.3}, "structured_fraction=0.3"),
+    ],
+)
+def test_runs_it_cannot_do_fail_before_any_step(schedule, kwargs, message):
+    module = TinyLM()
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    with pytest.raises(ValueError, match=message):
+        _trainer([_callback(schedule, **kwargs)], max_steps=10).fit(module, _loader())
+    assert all(torch.equal(p, before[n]) for n, p in module.named_parameters())
+
+
+def test_frozen_weights_are_refused():
+    module = TinyLM()
+    module.model.model.layers[0].mlp.down_proj.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="down_proj is frozen"):
+        _trainer([_callback(ADMM())], max_steps=4).fit(module, _loader())

@@ -119,7 +119,8 @@ def _run(max_steps: int, ckpt_path=None, checkpoint_dir=None):
     torch.manual_seed(0)
     callback = _gradual_callback()
     module = TinyLM()
-    trainer = _trainer(callback, max_steps=max_steps, enable_checkpointing=checkpoint_dir is not None)
+    trainer = _trainer(callback, max_steps=max_steps, enable_checkpointing=checkpoint_dir is not None,
+                       default_root_dir=checkpoint_dir)  # fmt: skip
     if checkpoint_dir is not None:  # what a job that is later killed leaves behind: a checkpoint per epoch
         trainer.callbacks.append(
             ModelCheckpoint(dirpath=checkpoint_dir, save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .zero import full_shape, is_partitioned
+
 CANONICAL_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
@@ -83,6 +85,8 @@ class Projection:
     def weight_view(self) -> torch.Tensor:
         """The ``[out, in]`` view of this projection's weight; shares storage, so in-place edits stick."""
         w = self.module.weight.data
+        if is_partitioned(self.module.weight) and w.numel() == 0:  # DeepSpeed ZeRO-3 hook point
+            raise RuntimeError(f"{self.param_name} is partitioned by ZeRO-3: read it inside zero.gathered(module)")
         if self.transposed:
             w = w.t()
         return w if self.rows is None else w[self.rows]
@@ -95,11 +99,17 @@ class Projection:
 
     @property
     def out_features(self) -> int:
-        return self.weight_view().shape[0]
+        return self._shape()[0]
 
     @property
     def in_features(self) -> int:
-        return self.weight_view().shape[1]
+        return self._shape()[1]
+
+    def _shape(self) -> tuple[int, int]:
+        # From the parameter's full shape, so sizes are known while ZeRO-3 has partitioned the values away.
+        rows, cols = full_shape(self.module.weight)
+        out, inp = (cols, rows) if self.transposed else (rows, cols)
+        return (out if self.rows is None else len(range(out)[self.rows])), inp
 
     @property
     def numel(self) -> int:
@@ -166,7 +176,8 @@ class ModelAdapter:
             if parts is None:
                 found.append(Projection(layer, short, module, param_name, None, transposed))
                 continue
-            out = module.weight.shape[1] if transposed else module.weight.shape[0]
+            shape = full_shape(module.weight)
+            out = shape[1] if transposed else shape[0]
             size = out // len(parts)
             for i, part in enumerate(parts):
                 rows = slice(i * size, (i + 1) * size)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .stats import InputStatistics, NonFiniteActivationError
+from .zero import full_shape, gathered_params, is_partitioned
 
 
 class _StopForward(Exception):
@@ -100,7 +101,9 @@ def collect_statistics(
         entry = InputStatistics(name, _in_features(module), hessian, device=module.weight.device)
         stats[id(module)] = entry
         handles.append(module.register_forward_pre_hook(_recorder(entry)))
-    if not keep_outputs:
+    # Under DeepSpeed ZeRO-3 an exception inside the block would leave the last module's gathered parameters
+    # marked in use by DeepSpeed's hooks, so the block runs to its end there.
+    if not keep_outputs and not any(is_partitioned(p) for p in block.parameters()):
         handles.append(modules[-1][1].register_forward_pre_hook(_stop))
     outputs = []
     try:
@@ -115,7 +118,8 @@ def collect_statistics(
 
 def _in_features(module: nn.Module) -> int:
     # GPT-2's Conv1D stores its weight as [in, out].
-    return module.weight.shape[0] if type(module).__name__ == "Conv1D" else module.weight.shape[1]
+    shape = full_shape(module.weight)  # the real shape also under ZeRO-3
+    return shape[0] if type(module).__name__ == "Conv1D" else shape[1]
 
 
 def _recorder(entry: InputStatistics) -> Callable:
@@ -131,14 +135,19 @@ def _stop(_module, _args):
 
 @contextmanager
 def swapped_weights(new_weights: dict[nn.Parameter, torch.Tensor]):
-    """Temporarily replace parameter values (to run a block as pruned) and restore the originals after."""
-    saved = {p: p.data.clone() for p in new_weights}
+    """Temporarily replace parameter values (to run a block as pruned) and restore the originals after.
+
+    Under DeepSpeed ZeRO-3 the values are written inside a gather of just these parameters (every rank writes
+    the same; rank 0's are re-partitioned), and the block then runs through DeepSpeed's own hooks.
+    """
+    saved: dict[nn.Parameter, torch.Tensor] = {}
     try:
-        with torch.no_grad():
+        with gathered_params(new_weights, modify=True), torch.no_grad():
+            saved = {p: p.data.clone() for p in new_weights}
             for p, value in new_weights.items():
                 p.data.copy_(value)
         yield
     finally:
-        with torch.no_grad():
+        with gathered_params(saved, modify=True), torch.no_grad():
             for p, value in saved.items():
                 p.data.copy_(value)

@@ -18,6 +18,7 @@ from .compact import compact_model
 from .evaluation import perplexity
 from .export import check_export_dir, save_pruned
 from .lit import CausalLM, TextDataModule
+from .zero import gathered_params
 
 
 class MosaicCLI(LightningCLI):
@@ -25,6 +26,9 @@ class MosaicCLI(LightningCLI):
         kwargs.setdefault("model_class", CausalLM)
         kwargs.setdefault("datamodule_class", TextDataModule)
         kwargs.setdefault("parser_kwargs", {"parser_mode": "yaml"})  # yaml.safe_load underneath
+        # The resolved config goes into the export as recipe.yaml instead of the working directory, where a
+        # second run would refuse to start (or overwrite the first run's file).
+        kwargs.setdefault("save_config_callback", None)
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -69,11 +73,16 @@ class MosaicCLI(LightningCLI):
         rank_zero_info(report.summary())
         if callback.structure and not callback.compacted:
             self._compact(callback, report)
-        if config.export_dir and self.trainer.is_global_zero:
-            path = save_pruned(
-                causal_lm(self.model), self.datamodule.tokenizer, config.export_dir, report, config.compress_export
-            )
-            rank_zero_info(f"saved pruned model and pruning_report.json to {path}")
+        if config.export_dir:
+            model = causal_lm(self.model)
+            # DeepSpeed ZeRO-3 hook point: every rank joins the gather of the whole model for the export (only
+            # here, never while pruning); a no-op otherwise.
+            with gathered_params(model.parameters()):
+                if self.trainer.is_global_zero:
+                    path = save_pruned(
+                        model, self.datamodule.tokenizer, config.export_dir, report, config.compress_export
+                    )
+                    rank_zero_info(f"saved pruned model and pruning_report.json to {path}")
 
     @torch.no_grad()
     def _compact(self, callback: MosaicPruning, report) -> None:

@@ -34,6 +34,10 @@ from .structure import (
     unit_groups,
     unit_scores,
 )
+from .zero import full_shape, gathered
+
+# DeepSpeed ZeRO-3 hook points: weights are read and written one module at a time inside ``gathered(module)``
+# (a no-op without ZeRO-3); every rank computes the same result from all-reduced statistics.
 
 
 @dataclass
@@ -150,9 +154,10 @@ def _profile_outliers(
         for stat in stats.values():
             stat.all_reduce()  # under DDP every rank profiles its own share; all see the sum
         # Outliers are counted on Wanda scores whatever the method (as OWL does for SparseGPT too).
-        scores = {
-            p.key: wanda_scores(p.weight_view(), stats[id(p.module)].column_norms) for p in adapter.projections(layer)
-        }
+        scores = {}
+        for p in adapter.projections(layer):
+            with gathered(p.module):
+                scores[p.key] = wanda_scores(p.weight_view(), stats[id(p.module)].column_norms)
         ratios.update(outlier_ratios(scores, {k: groups[k] for k in scores}, threshold))
     return ratios
 
@@ -202,7 +207,9 @@ def _prune_block(adapter, layer, stats, method, pattern, plan: _Plan, pending: _
     for group in (g for g in plan.unit_groups if g.layer == layer):
         consumer = projs[group.cols[0]]
         norms = stats[id(consumer.module)].column_norms if stats else torch.ones(consumer.in_features)
-        removed = choose_removed(group, unit_scores(group, projs, norms), plan.removals[group.key])
+        with gathered(consumer.module):
+            importance = unit_scores(group, projs, norms)
+        removed = choose_removed(group, importance, plan.removals[group.key])
         pending.removed[group.key] = removed
         for name in (*group.rows, *group.cols):
             keep = structural_keep(group, removed, projs[name])
@@ -210,10 +217,12 @@ def _prune_block(adapter, layer, stats, method, pattern, plan: _Plan, pending: _
     for name, proj in projs.items():
         clock = time.perf_counter()
         proj_stats = stats[id(proj.module)] if stats else None
-        result = _prune_projection(proj, proj_stats, method, pattern, plan.unstructured[proj.key], structural.get(name))
-        pending.keeps[proj.key] = result.keep
-        pruned = result.weight if result.weight is not None else proj.weight_view()
-        pending.weights[proj.key] = pruned.masked_fill(~result.keep, 0)
+        with gathered(proj.module):
+            num = plan.unstructured[proj.key]
+            result = _prune_projection(proj, proj_stats, method, pattern, num, structural.get(name))
+            pending.keeps[proj.key] = result.keep
+            pruned = result.weight if result.weight is not None else proj.weight_view()
+            pending.weights[proj.key] = pruned.masked_fill(~result.keep, 0)
         seconds[proj.key] = time.perf_counter() - clock
 
 
@@ -238,7 +247,10 @@ def _param_values(projs: list[Projection], pending: _Pending) -> dict[nn.Paramet
     """Full parameter tensors with the pending ``[out, in]`` weights written at each projection's place."""
     values: dict[nn.Parameter, torch.Tensor] = {}
     for proj in projs:
-        full = values.setdefault(proj.weight, proj.weight.data.clone())
+        if proj.weight not in values:
+            with gathered(proj.module):
+                values[proj.weight] = proj.weight.data.clone()
+        full = values[proj.weight]
         proj.to_param_layout(pending.weights[proj.key], full)
     return values
 
@@ -247,7 +259,9 @@ def _drop_weights(projs: list[Projection], pending: _Pending) -> None:
     """Keep only what commit needs: masks always, new weights only when the method changed kept weights."""
     for proj in projs:
         new = pending.weights[proj.key]
-        if torch.equal(new, proj.weight_view().masked_fill(~pending.keeps[proj.key], 0)):
+        with gathered(proj.module):
+            unchanged = torch.equal(new, proj.weight_view().masked_fill(~pending.keeps[proj.key], 0))
+        if unchanged:
             del pending.weights[proj.key]
 
 
@@ -256,7 +270,8 @@ def _commit(adapter: ModelAdapter, pending: _Pending) -> MaskStore:
     """Write every pending result into the model and build the parameter-level mask store."""
     for proj in adapter.all_projections():
         if proj.key in pending.weights:
-            proj.weight_view().copy_(pending.weights[proj.key])
+            with gathered(proj.module, modify=True):
+                proj.weight_view().copy_(pending.weights[proj.key])
     return commit_masks(adapter, pending.keeps)
 
 
@@ -270,7 +285,10 @@ def commit_masks(adapter: ModelAdapter, keeps: dict[str, torch.Tensor]) -> MaskS
     masks = MaskStore()
     full_masks: dict[str, torch.Tensor] = {}
     for proj in adapter.all_projections():
-        mask = full_masks.setdefault(proj.param_name, torch.ones_like(proj.weight, dtype=torch.bool))
+        if proj.param_name not in full_masks:
+            shape = full_shape(proj.weight)
+            full_masks[proj.param_name] = torch.ones(shape, dtype=torch.bool, device=proj.weight.device)
+        mask = full_masks[proj.param_name]
         proj.to_param_layout(keeps[proj.key], mask)
     for name, mask in full_masks.items():
         masks.set(name, mask)
@@ -282,6 +300,8 @@ def _projection_report(adapter, proj: Projection, plan: _Plan, masks: MaskStore,
     keep = masks.masks[proj.param_name]
     keep = keep.t() if proj.transposed else keep
     keep = keep if proj.rows is None else keep[proj.rows]
+    with gathered(proj.module):
+        zeros = int((proj.weight_view() == 0).sum())
     return ProjectionReport(
         key=proj.key,
         layer=proj.layer,
@@ -291,7 +311,7 @@ def _projection_report(adapter, proj: Projection, plan: _Plan, masks: MaskStore,
         requested_sparsity=plan.counts[proj.key] / proj.numel,
         achieved_sparsity=int((~keep).sum()) / proj.numel,
         structured_sparsity=(plan.counts[proj.key] - plan.unstructured[proj.key]) / proj.numel,
-        zero_fraction=int((proj.weight_view() == 0).sum()) / proj.numel,
+        zero_fraction=zeros / proj.numel,
         outlier_ratio=ratios.get(proj.key),
         seconds=seconds.get(proj.key, 0.0),
     )

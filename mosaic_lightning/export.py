@@ -32,13 +32,15 @@ def save_pruned(
     export_dir: str | os.PathLike,
     report: PruningReport | None = None,
     compress: bool = False,
+    extra_files: dict[str, str] | None = None,
 ) -> pathlib.Path:
     """``save_pretrained`` (safetensors) + tokenizer + ``pruning_report.json`` + sparsity heat map.
 
     With ``compress``, weights that are at least 25% zeros are stored as a packed bitmask plus their nonzero
     values in ``model.mosaic.safetensors`` (the file shrinks with the unstructured sparsity); such a directory
     loads with :func:`mosaic_lightning.load_pruned`, and plain ``from_pretrained`` refuses it (no
-    ``model.safetensors``) rather than silently initialising missing weights.
+    ``model.safetensors``) rather than silently initialising missing weights. ``extra_files`` (name -> text)
+    are written alongside, e.g. the resolved recipe.
     """
     path = check_export_dir(export_dir).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,6 +53,8 @@ def save_pruned(
             model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         if report is not None:
             report.save_json(tmp / "pruning_report.json")
             report.save_heatmap(tmp / "sparsity_heatmap.png")

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .zero import is_partitioned, mask_partition_
+
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 
@@ -61,6 +63,9 @@ class MaskStore:
         params = named_parameters(model)
         for name, keep in self.masks.items():
             param = params[name]
+            if is_partitioned(param):  # DeepSpeed ZeRO-3: this rank's slice (masters: zero.apply_masks_)
+                mask_partition_(param, keep)
+                continue
             param.data.masked_fill_(~keep.to(param.device), 0)
 
     @torch.no_grad()

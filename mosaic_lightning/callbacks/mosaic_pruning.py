@@ -16,6 +16,7 @@ from ..engine import PruningOutcome, prune_model
 from ..masks import MaskStore
 from ..report import PruningReport
 from ..schedules import OneShot, Schedule
+from ..zero import apply_masks_, deepspeed_engine, sync_master_
 
 
 class MosaicPruning(L.Callback):
@@ -102,6 +103,7 @@ class MosaicPruning(L.Callback):
         self.structure: dict[str, list[int]] = {}  # removed units by group key, for compaction
         self.compacted = False
         self._hooks: list = []
+        self._ds_step = -1  # DeepSpeed engine step whose result masks were last applied to
 
     # -- loop events ------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -119,6 +121,13 @@ class MosaicPruning(L.Callback):
         if self.schedule.prunes_at_fit_start and self.masks is None:
             raise RuntimeError("MosaicPruning: resumed from a checkpoint that holds no pruning masks")
         model = causal_lm(pl_module)
+        if deepspeed_engine(trainer) is not None:
+            # DeepSpeed: its ZeRO optimizer is no torch Optimizer (no step hooks) and steps fp32 master copies;
+            # masks are re-applied to those from on_train_batch_end, after Lightning's deepspeed_engine.step().
+            self._ds_step = -1
+            if self.masks is not None:
+                apply_masks_(self.masks, model)
+            return
         if self.masks is not None:
             self.masks.apply_(model)
         for optimizer in trainer.optimizers:
@@ -131,6 +140,12 @@ class MosaicPruning(L.Callback):
         self.schedule.on_after_backward(self, trainer, causal_lm(pl_module))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        engine = deepspeed_engine(trainer)
+        if engine is not None and self.masks is not None and engine.global_steps != self._ds_step:
+            # DeepSpeed stepped (once per accumulation boundary): zero pruned entries in the visible weights,
+            # the fp32 master partitions and the Adam moments, each rank its own share.
+            self._ds_step = engine.global_steps
+            apply_masks_(self.masks, causal_lm(pl_module))
         self.schedule.on_train_batch_end(self, trainer, causal_lm(pl_module))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -158,8 +173,11 @@ class MosaicPruning(L.Callback):
         """Take masks, report and structure as the current pruning (from ``prune`` or a schedule's own solver,
         e.g. ADMM), so every source clears moments, logs and reports the same way."""
         self.masks, self.report, self.structure = outcome.masks, outcome.report, outcome.structure
-        for optimizer in trainer.optimizers:
-            self.masks.zero_optimizer_state_(optimizer, model)
+        if deepspeed_engine(trainer) is not None:  # the optimizer holds fp32 masters: write the pruned model there
+            sync_master_(self.masks, model)
+        else:
+            for optimizer in trainer.optimizers:
+                self.masks.zero_optimizer_state_(optimizer, model)
         for logger in trainer.loggers:
             logger.log_metrics({"pruning/achieved_sparsity": self.report.achieved_sparsity}, step=trainer.global_step)
         if self.verbose:

@@ -1,9 +1,11 @@
-"""Shared fixtures: tiny random Llama / GPT-2 / OPT models (seeded) and random calibration batches."""
+"""Shared fixtures: tiny random Llama / GPT-2 / OPT models (seeded), random calibration batches, and the tiny
+LightningModule and resumable loader the training tests (and the tests/distributed scripts) share."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import lightning as L
 import pytest
 import torch
 from transformers import (
@@ -20,62 +22,56 @@ HIDDEN = 64
 SEQ_LEN = 16
 
 
-def make_llama(seed: int = 0) -> LlamaForCausalLM:
+# Config fields Llama and OPT share (GPT-2 names them differently).
+_SHARED_CONFIG = {"hidden_size": HIDDEN, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": VOCAB}
+
+
+def _seeded(model_cls, config, seed: int):
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=HIDDEN,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-    )
-    return LlamaForCausalLM(config).eval()
+    return model_cls(config).eval()
+
+
+def make_llama(seed: int = 0) -> LlamaForCausalLM:
+    return _seeded(LlamaForCausalLM, LlamaConfig(**_SHARED_CONFIG, intermediate_size=128, num_key_value_heads=2), seed)
 
 
 def make_gpt2(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
     config = GPT2Config(
         n_embd=HIDDEN, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=1
     )
-    return GPT2LMHeadModel(config).eval()
+    return _seeded(GPT2LMHeadModel, config, seed)
 
 
 def make_opt(seed: int = 0) -> OPTForCausalLM:
-    torch.manual_seed(seed)
     config = OPTConfig(
-        hidden_size=HIDDEN,
+        **_SHARED_CONFIG,
         ffn_dim=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=VOCAB,
         word_embed_proj_dim=HIDDEN,
         max_position_embeddings=64,
         pad_token_id=1,
         bos_token_id=2,
         eos_token_id=2,
     )
-    return OPTForCausalLM(config).eval()
+    return _seeded(OPTForCausalLM, config, seed)
 
 
 BUILDERS: dict[str, Callable[[], torch.nn.Module]] = {"llama": make_llama, "gpt2": make_gpt2, "opt": make_opt}
 
+# The prunable projections of one Llama decoder layer, by module path within the layer.
+LLAMA_PROJECTIONS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
 # Weight parameters of every prunable projection per architecture, written out by hand (independent of the
 # library's adapter), so tests can count zeros without trusting the code under test.
 TARGET_PARAMS: dict[str, list[str]] = {
-    "llama": [
-        f"model.layers.{i}.{p}.weight"
-        for i in range(2)
-        for p in (
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
-        )
-    ],
+    "llama": [f"model.layers.{i}.{p}.weight" for i in range(2) for p in LLAMA_PROJECTIONS],
     "gpt2": [
         f"transformer.h.{i}.{p}.weight"
         for i in range(2)
@@ -145,3 +141,60 @@ def assert_state_unchanged(model: torch.nn.Module, before: dict[str, torch.Tenso
     assert after.keys() == before.keys()
     for name, value in before.items():
         torch.testing.assert_close(after[name], value, rtol=0, atol=0, equal_nan=True, msg=f"{name} changed")
+
+
+class TinyLM(L.LightningModule):
+    """A tiny causal LM as ``self.model`` (what the callbacks look for), trained on its own LM loss.
+
+    Args:
+        builder: makes the model (``make_llama``, ``make_gpt2``, ...); it comes back in eval mode.
+        train_mode: put the model in train mode (dropout on); Lightning's fit keeps the mode it is given.
+        optimizer: the torch optimizer class, over the parameters that require grad only (as CausalLM does), so
+            frozen base weights (LoRA) never enter the optimizer.
+        lr: its learning rate.
+    """
+
+    def __init__(
+        self,
+        builder: Callable[[], torch.nn.Module] = make_llama,
+        *,
+        train_mode: bool = False,
+        optimizer: type[torch.optim.Optimizer] = torch.optim.Adam,
+        lr: float = 1e-2,
+    ) -> None:
+        super().__init__()
+        self.model = builder()
+        if train_mode:
+            self.model.train()
+        self.optimizer_cls, self.lr = optimizer, lr
+
+    def training_step(self, batch, batch_idx):
+        ids = batch["input_ids"] if isinstance(batch, dict) else batch  # a tensor, or a dataset's dict rows
+        return self.model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    def configure_optimizers(self):
+        return self.optimizer_cls([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+class ResumableBatches:
+    """Four different ``[2, 16]`` batches per epoch that resume where they stopped: Lightning saves and restores
+    the state of loaders that have ``state_dict``/``load_state_dict``, so a resumed run sees the same data order."""
+
+    def __init__(self) -> None:
+        self.data = torch.randint(0, VOCAB, (8, SEQ_LEN), generator=torch.Generator().manual_seed(3)).split(2)
+        self.position = 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __iter__(self):
+        while self.position < len(self.data):
+            self.position += 1
+            yield self.data[self.position - 1]
+        self.position = 0
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]

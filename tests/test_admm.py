@@ -8,7 +8,7 @@ import types
 import lightning as L
 import pytest
 import torch
-from conftest import TARGET_PARAMS, make_gpt2, make_llama
+from conftest import BUILDERS, TARGET_PARAMS, TinyLM
 from torch.utils.data import DataLoader
 
 from mosaic_lightning import MosaicPruning
@@ -19,18 +19,9 @@ from mosaic_lightning.schedules import ADMM, prune_counts, sparse_projection
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
 
-class TinyLM(L.LightningModule):
-    def __init__(self, arch: str = "llama", optimizer: str = "adam", lr: float = 1e-2) -> None:
-        super().__init__()
-        self.model = (make_llama if arch == "llama" else make_gpt2)().train()
-        self.optimizer, self.lr = optimizer, lr
-
-    def training_step(self, batch, batch_idx):
-        return self.model(input_ids=batch, labels=batch, use_cache=False).loss
-
-    def configure_optimizers(self):
-        cls = torch.optim.Adam if self.optimizer == "adam" else torch.optim.SGD
-        return cls(self.parameters(), lr=self.lr)
+def _tiny_lm(arch: str = "llama", **kwargs) -> TinyLM:
+    """In train mode: the ADMM tests train with the models' dropout on."""
+    return TinyLM(BUILDERS[arch], train_mode=True, **kwargs)
 
 
 def _loader() -> DataLoader:
@@ -123,7 +114,7 @@ def test_prune_counts_are_exact_for_uniform_and_outlier_allocations(llama):
 # -- the ADMM steps, driven by hand ----------------------------------------------------------------------
 def _started(arch: str, rho: float = 0.3) -> tuple[TinyLM, MosaicPruning, ADMM]:
     """A schedule started on a tiny model, with a random nonzero U so every term of the updates matters."""
-    module, schedule = TinyLM(arch), ADMM(rho=rho, projection_every=2)
+    module, schedule = _tiny_lm(arch), ADMM(rho=rho, projection_every=2)
     pattern, sparsity = ("2:4", 0.5) if arch == "gpt2" else ("unstructured", 0.8)
     callback = _callback(schedule, pattern=pattern, sparsity=sparsity)
     schedule.on_train_batch_start(callback, _fake_trainer(0), module.model, None)
@@ -217,7 +208,7 @@ class _Spy(L.Callback):
 
 def test_fit_prunes_exactly_at_end_step_and_pruned_weights_stay_zero_under_adam():
     callback, spy = _callback(ADMM(rho=0.5, projection_every=2, end_step=4)), _Spy(snapshot_step=4)
-    module = TinyLM()
+    module = _tiny_lm()
     trainer = _trainer([callback, spy], max_steps=8)
     trainer.fit(module, _loader())
 
@@ -246,7 +237,7 @@ def test_admm_pulls_the_pruned_weights_to_zero():
     """With a strong penalty the weights outside Z's support shrink, so the hard prune removes little."""
     schedule = ADMM(rho=5.0, projection_every=2)
     callback = _callback(schedule)
-    module = TinyLM(optimizer="sgd", lr=0.1)
+    module = _tiny_lm(optimizer=torch.optim.SGD, lr=0.1)
     trainer = _trainer([callback], max_steps=8)
     trainer.fit(module, _loader())
     assert callback.report.metrics["admm_primal_residual"] < 0.2
@@ -255,7 +246,7 @@ def test_admm_pulls_the_pruned_weights_to_zero():
 
 def test_gpt2_two_of_four_after_fit():
     callback = _callback(ADMM(rho=0.5, projection_every=1), sparsity=0.5, pattern="2:4")
-    module = TinyLM("gpt2")
+    module = _tiny_lm("gpt2")
     _trainer([callback], max_steps=3).fit(module, _loader())
     for view in _out_in_views(module.model, "gpt2").values():
         kept = (view != 0).reshape(view.shape[0], -1, 4).sum(dim=-1)
@@ -283,7 +274,7 @@ class _SaveAndDie(L.Callback):
 def _run(ckpt_path=None, kill=None, **kwargs) -> tuple[TinyLM, MosaicPruning]:
     torch.manual_seed(0)
     callback = _callback(ADMM(rho=0.5, projection_every=3), **kwargs)
-    module = TinyLM()
+    module = _tiny_lm()
     trainer = _trainer([callback] + ([kill] if kill else []), max_steps=8)
     trainer.fit(module, _loader(), ckpt_path=ckpt_path)
     return module, callback
@@ -338,7 +329,7 @@ def test_bad_arguments_name_the_field(kwargs, field):
     ],
 )
 def test_runs_it_cannot_do_fail_before_any_step(schedule, kwargs, message):
-    module = TinyLM()
+    module = _tiny_lm()
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     with pytest.raises(ValueError, match=message):
         _trainer([_callback(schedule, **kwargs)], max_steps=10).fit(module, _loader())
@@ -346,7 +337,7 @@ def test_runs_it_cannot_do_fail_before_any_step(schedule, kwargs, message):
 
 
 def test_frozen_weights_are_refused():
-    module = TinyLM()
+    module = _tiny_lm()
     module.model.model.layers[0].mlp.down_proj.weight.requires_grad_(False)
     with pytest.raises(ValueError, match="down_proj is frozen"):
         _trainer([_callback(ADMM())], max_steps=4).fit(module, _loader())

@@ -8,7 +8,7 @@ import warnings
 import lightning as L
 import pytest
 import torch
-from conftest import make_llama
+from conftest import TARGET_PARAMS, TinyLM
 from torch.utils.data import DataLoader, Dataset
 
 from mosaic_lightning import MosaicPruning
@@ -16,19 +16,7 @@ from mosaic_lightning.callbacks import causal_lm
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
-TARGETS = [
-    f"model.layers.{i}.{p}.weight"
-    for i in range(2)
-    for p in (
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    )
-]
+TARGETS = TARGET_PARAMS["llama"]
 
 
 class _Windows(Dataset):
@@ -42,17 +30,9 @@ class _Windows(Dataset):
         return {"input_ids": self.ids[i]}
 
 
-class _TinyLM(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.model = make_llama().train()
-
-    def training_step(self, batch, batch_idx):
-        ids = batch["input_ids"]
-        return self.model(input_ids=ids, labels=ids, use_cache=False).loss
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
+def _tiny_lm() -> TinyLM:
+    """In train mode, trained on the ``input_ids`` of :class:`_Windows` rows."""
+    return TinyLM(train_mode=True)
 
 
 class _Snapshot(L.Callback):
@@ -85,7 +65,7 @@ def _loader() -> DataLoader:
     return DataLoader(_Windows(), batch_size=2)
 
 
-def _check_masked(module: _TinyLM, callback: MosaicPruning, optimizer: torch.optim.Optimizer) -> None:
+def _check_masked(module: TinyLM, callback: MosaicPruning, optimizer: torch.optim.Optimizer) -> None:
     params = dict(module.model.named_parameters())
     for name in TARGETS:
         keep = callback.masks.masks[name]
@@ -105,7 +85,7 @@ def fitted(tmp_path_factory):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            module, pruning, snapshot = _TinyLM(), _pruning(), _Snapshot()
+            module, pruning, snapshot = _tiny_lm(), _pruning(), _Snapshot()
             trainer = _trainer(5, pruning, snapshot)
             trainer.fit(module, _loader())
             masks_after_fit = {n: m.clone() for n, m in pruning.masks.masks.items()}
@@ -150,7 +130,7 @@ def test_checkpoint_round_trip_resumes_with_same_masks(fitted):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        module, resumed = _TinyLM(), _pruning()
+        module, resumed = _tiny_lm(), _pruning()
         trainer = _trainer(8, resumed)
         trainer.fit(module, _loader(), ckpt_path=ckpt)
 
@@ -164,7 +144,7 @@ def test_checkpoint_round_trip_resumes_with_same_masks(fitted):
 
 
 def test_causal_lm_finds_the_hf_model():
-    module = _TinyLM()
+    module = _tiny_lm()
     assert causal_lm(module) is module.model
     with pytest.raises(TypeError, match="self.model"):
         causal_lm(L.LightningModule())

@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BUILDERS, TARGET_PARAMS, assert_state_unchanged, make_gpt2, make_llama, random_batches, state_copy
+from conftest import (
+    BUILDERS,
+    LLAMA_PROJECTIONS,
+    TARGET_PARAMS,
+    assert_state_unchanged,
+    make_gpt2,
+    make_llama,
+    random_batches,
+    state_copy,
+)
 
 from mosaic_lightning import PruningConfig, prune_model
 from mosaic_lightning.calibration import capture_block_inputs
@@ -100,17 +109,7 @@ def test_targets_leave_other_projections_untouched(calib_batches):
         sparsity=0.5, method="sparsegpt", allocation="owl", exclude=["down", r"model\.layers\.1\..*"]
     )
     outcome = prune_model(model, calib_batches, config, progress=False)
-    pruned = {
-        f"model.layers.0.{p}.weight"
-        for p in (
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-        )
-    }
+    pruned = {f"model.layers.0.{p}.weight" for p in LLAMA_PROJECTIONS if p != "mlp.down_proj"}
     assert set(outcome.masks.masks) == pruned
     after = model.state_dict()
     for name, value in before.items():
@@ -270,6 +269,17 @@ def test_pruning_streams_blocks_and_never_runs_the_head():
         assert set(calls[key]) == {(2, 16, 64)}
 
 
+@torch.no_grad()
+def _block_inputs(model, block: torch.nn.Module, batches) -> list[torch.Tensor]:
+    """The hidden states entering ``block`` in plain forward passes of ``model`` over ``batches``."""
+    seen: list[torch.Tensor] = []
+    probe = block.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
+    for ids in batches:
+        model(input_ids=ids, use_cache=False)
+    probe.remove()
+    return seen
+
+
 @pytest.mark.parametrize("builder", [make_gpt2, make_llama])
 def test_block_one_is_calibrated_on_pruned_block_zero_output(builder, calib_batches):
     """Sequential mode: the inputs block 1 is calibrated on equal the ones the final pruned model feeds it."""
@@ -277,23 +287,13 @@ def test_block_one_is_calibrated_on_pruned_block_zero_output(builder, calib_batc
     block1 = model.model.layers[1] if hasattr(model, "model") else model.transformer.h[1]
     seen_while_pruning: list[torch.Tensor] = []
     handle = block1.register_forward_pre_hook(lambda _m, args: seen_while_pruning.append(args[0].clone()))
-    dense_inputs: list[torch.Tensor] = []
-    probe = block1.register_forward_pre_hook(lambda _m, args: dense_inputs.append(args[0].clone()))
-    with torch.no_grad():
-        for ids in calib_batches:
-            model(input_ids=ids, use_cache=False)
-    probe.remove()
+    dense_inputs = _block_inputs(model, block1, calib_batches)
     seen_while_pruning.clear()
 
     prune_model(model, calib_batches, PruningConfig(sparsity=0.5, method="sparsegpt"), progress=False)
     handle.remove()
 
-    pruned_inputs: list[torch.Tensor] = []
-    probe = block1.register_forward_pre_hook(lambda _m, args: pruned_inputs.append(args[0].clone()))
-    with torch.no_grad():
-        for ids in calib_batches:
-            model(input_ids=ids, use_cache=False)
-    probe.remove()
+    pruned_inputs = _block_inputs(model, block1, calib_batches)
 
     for i, expected in enumerate(pruned_inputs):
         torch.testing.assert_close(seen_while_pruning[i], expected, rtol=1e-5, atol=1e-5)
@@ -301,15 +301,7 @@ def test_block_one_is_calibrated_on_pruned_block_zero_output(builder, calib_batc
 
 
 # -- outlier profile against an independent computation ----------------------------------------------------------
-_LLAMA_PROJ = {
-    "q": "self_attn.q_proj",
-    "k": "self_attn.k_proj",
-    "v": "self_attn.v_proj",
-    "o": "self_attn.o_proj",
-    "gate": "mlp.gate_proj",
-    "up": "mlp.up_proj",
-    "down": "mlp.down_proj",
-}
+_LLAMA_PROJ = dict(zip(PROJECTIONS["llama"], LLAMA_PROJECTIONS, strict=True))  # short name -> module path
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import warnings
 import lightning as L
 import pytest
 import torch
-from conftest import TARGET_PARAMS, make_gpt2, make_llama, random_batches
+from conftest import TARGET_PARAMS, ResumableBatches, TinyLM, make_gpt2, make_llama, random_batches
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from mosaic_lightning import CompactOnFitEnd, LoRARecovery, MosaicPruning
@@ -21,43 +21,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::Deprecat
 
 R, ALPHA = 4, 8.0
 SCALE = ALPHA / R
-
-
-class TinyLM(L.LightningModule):
-    """Trains what is trainable (as CausalLM does), so frozen base weights never enter the optimizer."""
-
-    def __init__(self, builder=make_llama) -> None:
-        super().__init__()
-        self.model = builder()
-
-    def training_step(self, batch, batch_idx):
-        return self.model(input_ids=batch, labels=batch, use_cache=False).loss
-
-    def configure_optimizers(self):
-        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=1e-2)
-
-
-class ResumableBatches:
-    """Four batches per epoch that resume where they stopped (Lightning saves loaders with ``state_dict``)."""
-
-    def __init__(self) -> None:
-        self.data = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(3)).split(2)
-        self.position = 0
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __iter__(self):
-        while self.position < len(self.data):
-            self.position += 1
-            yield self.data[self.position - 1]
-        self.position = 0
-
-    def state_dict(self) -> dict:
-        return {"position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = state["position"]
 
 
 class Spy(L.Callback):

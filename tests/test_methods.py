@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_llama
+from conftest import LLAMA_PROJECTIONS, make_llama
 
 from mosaic_lightning import PruningConfig, prune_model
 from mosaic_lightning.methods import Magnitude, SparseGPT, Wanda, build_method
@@ -131,26 +131,15 @@ def test_sparsegpt_rejects_bad_options():
 
 
 # -- the engine's Wanda against a plain, independent sequential Wanda ------------------------------------------
-_LLAMA_PROJ = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
-
-
 @torch.no_grad()
 def _projection_inputs(model, batches, layer: int) -> dict[str, torch.Tensor]:
     """All tokens entering each projection of one block, from plain forward passes of ``model``."""
-    seen: dict[str, list[torch.Tensor]] = {p: [] for p in _LLAMA_PROJ}
+    seen: dict[str, list[torch.Tensor]] = {p: [] for p in LLAMA_PROJECTIONS}
     handles = [
         model.model.layers[layer]
         .get_submodule(p)
         .register_forward_pre_hook(lambda _m, args, p=p: seen[p].append(args[0].reshape(-1, args[0].shape[-1])))
-        for p in _LLAMA_PROJ
+        for p in LLAMA_PROJECTIONS
     ]
     for ids in batches:
         model(input_ids=ids, use_cache=False)
@@ -175,18 +164,18 @@ def test_engine_wanda_matches_plain_sequential_wanda(calib_batches):
 
     # Layer 0: inputs of the dense model.
     inputs = _projection_inputs(reference, calib_batches, 0)
-    for p in _LLAMA_PROJ:
+    for p in LLAMA_PROJECTIONS:
         name = f"model.layers.0.{p}.weight"
         expected = _wanda_keep(reference.get_parameter(name), inputs[p], 0.5)
         torch.testing.assert_close(outcome.masks.masks[name], expected, rtol=0, atol=0, msg=name)
 
     # Layer 1: block 0 as pruned, block 1 still dense.
     with torch.no_grad():
-        for p in _LLAMA_PROJ:
+        for p in LLAMA_PROJECTIONS:
             name = f"model.layers.0.{p}.weight"
             reference.get_parameter(name).copy_(pruned.get_parameter(name))
     inputs = _projection_inputs(reference, calib_batches, 1)
-    for p in _LLAMA_PROJ:
+    for p in LLAMA_PROJECTIONS:
         name = f"model.layers.1.{p}.weight"
         expected = _wanda_keep(reference.get_parameter(name), inputs[p], 0.5)
         torch.testing.assert_close(outcome.masks.masks[name], expected, rtol=0, atol=0, msg=name)

@@ -5,48 +5,12 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import TARGET_PARAMS, make_llama
+from conftest import TARGET_PARAMS, ResumableBatches, TinyLM
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from mosaic_lightning import MosaicPruning
 from mosaic_lightning.schedules import Gradual, OneShot, cubic_sparsity
-
-
-class TinyLM(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.model = make_llama()
-
-    def training_step(self, batch, batch_idx):
-        return self.model(input_ids=batch, labels=batch).loss
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
-
-
-class ResumableBatches:
-    """Four different batches per epoch that resume where they stopped: Lightning saves and restores the
-    state of loaders that have ``state_dict``/``load_state_dict``, so a resumed run sees the same data order."""
-
-    def __init__(self) -> None:
-        self.data = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(3)).split(2)
-        self.position = 0
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __iter__(self):
-        while self.position < len(self.data):
-            self.position += 1
-            yield self.data[self.position - 1]
-        self.position = 0
-
-    def state_dict(self) -> dict:
-        return {"position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = state["position"]
 
 
 def _loader() -> DataLoader:

@@ -13,21 +13,9 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import make_llama  # noqa: E402
+from conftest import TinyLM  # noqa: E402
 
 from mosaic_lightning import MosaicPruning  # noqa: E402
-
-
-class TinyLM(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.model = make_llama()
-
-    def training_step(self, batch, batch_idx):
-        return self.model(input_ids=batch, labels=batch).loss
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
 def calibration() -> list[torch.Tensor]:

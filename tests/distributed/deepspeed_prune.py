@@ -22,7 +22,7 @@ os.environ.setdefault("DS_BUILD_OPS", "0")
 import deepspeed  # noqa: E402
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from conftest import make_llama  # noqa: E402
+from conftest import TinyLM  # noqa: E402
 from cpu_deepspeed import CpuDeepSpeedStrategy, zero_config  # noqa: E402
 from ddp_prune import calibration  # noqa: E402  (the same calibration data as the DDP tests)
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: E402
@@ -34,18 +34,6 @@ from mosaic_lightning.masks import named_parameters  # noqa: E402
 from mosaic_lightning.zero import gathered_params  # noqa: E402
 
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
-
-
-class TinyLM(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.model = make_llama()
-
-    def training_step(self, batch, batch_idx):
-        return self.model(input_ids=batch, labels=batch).loss
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
 def _trainer(stage: int, offload: bool, max_steps: int, callback: MosaicPruning, nodes: int, *extra) -> L.Trainer:

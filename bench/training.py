@@ -55,6 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--eval-windows", type=int, default=200)
+    parser.add_argument("--calibration-samples", type=int, default=128)
     parser.add_argument("--runs", default=",".join(RUNS))
     parser.add_argument("--work", default="bench/out/training")
     parser.add_argument("--out", default="bench/out/training.json")
@@ -68,7 +69,8 @@ def main() -> None:
         shutil.rmtree(export, ignore_errors=True)
         steps = [] if "--trainer.max_steps" in extra else ["--trainer.max_steps", str(args.steps)]
         cmd = [sys.executable, "train.py", "fit", "--config", f"recipes/{recipe}", "--data.seq_len", "128",
-               "--data.max_eval_windows", str(args.eval_windows), "--export_dir", str(export), "--trainer.logger",
+               "--data.max_eval_windows", str(args.eval_windows),
+               "--data.num_calibration_samples", str(args.calibration_samples), "--export_dir", str(export), "--trainer.logger",
                "false", *steps, *extra, *_schedule_args(name, args.steps)]  # fmt: skip
         clock = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=(work / f"{name}.log").open("w"))

@@ -70,8 +70,9 @@ def main() -> None:
         steps = [] if "--trainer.max_steps" in extra else ["--trainer.max_steps", str(args.steps)]
         cmd = [sys.executable, "train.py", "fit", "--config", f"recipes/{recipe}", "--data.seq_len", "128",
                "--data.max_eval_windows", str(args.eval_windows),
-               "--data.num_calibration_samples", str(args.calibration_samples), "--export_dir", str(export), "--trainer.logger",
-               "false", *steps, *extra, *_schedule_args(name, args.steps)]  # fmt: skip
+               "--data.num_calibration_samples", str(args.calibration_samples),
+               "--export_dir", str(export), "--trainer.logger", "false",
+               *steps, *extra, *_schedule_args(name, args.steps)]  # fmt: skip
         clock = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=(work / f"{name}.log").open("w"))
         report = json.loads((export / "pruning_report.json").read_text())

@@ -84,8 +84,7 @@ def _shrink_module(adapter: ModelAdapter, entries: list[tuple[Projection, str]],
         else:
             start = part.rows.start if part.rows is not None else 0
             stop = part.rows.stop if part.rows is not None else out_features
-            inside = (rows >= start) & (rows < stop)
-            rows = torch.cat([rows[rows < start], start + kept, rows[rows >= stop]]) if inside.any() else rows
+            rows = torch.cat([rows[rows < start], start + kept, rows[rows >= stop]])
     weight = module.weight.data
     weight = weight.t() if proj.transposed else weight
     new_weight = weight[rows][:, cols]

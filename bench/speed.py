@@ -45,8 +45,10 @@ def measure(kind: str, samples: int, seq_len: int) -> dict:
         with torch.no_grad():
             for ids in batches:
                 model(input_ids=ids, use_cache=False)
-    else:
-        prune_model(model, batches, PruningConfig(0.5, kind, "uniform"), progress=False)
+    else:  # "wanda-dense": non-sequential, calibrated on dense activations (one pass per block)
+        method, _, variant = kind.partition("-")
+        config = PruningConfig(0.5, method, "uniform", sequential=variant != "dense")
+        prune_model(model, batches, config, progress=False)
     seconds = time.perf_counter() - clock
     return {
         "kind": kind,
@@ -61,7 +63,7 @@ def main() -> None:
     parser.add_argument("--calibration-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--kinds", default="forward,wanda,sparsegpt")
+    parser.add_argument("--kinds", default="forward,wanda,wanda-dense,sparsegpt")
     parser.add_argument("--out", default="bench/out/speed.json")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()

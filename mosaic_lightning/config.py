@@ -29,6 +29,9 @@ class PruningConfig:
         structured_fraction: share of the pruned weights removed as whole units (composite pruning), in
             [0, 1]; 0 = unstructured only, 1 = structured only. Robust (few-outlier) units take more of it.
         structured_units: unit kinds to remove: ``mlp`` (channels) and/or ``heads`` (attention heads).
+        sequential: calibrate each block on the output of the blocks before it *as pruned* (as Wanda's and
+            SparseGPT's reference code do; two passes per block); False uses the dense model's activations
+            (one pass per block, faster, usually slightly worse).
         uniform_structure: remove the same number of units in every layer, so that a plain HF config
             describes the compacted model; otherwise per-layer sizes (load with ``load_pruned``).
     """
@@ -48,6 +51,7 @@ class PruningConfig:
     structured_fraction: float = 0.0
     structured_units: list[str] = field(default_factory=lambda: ["mlp", "heads"])
     uniform_structure: bool = False
+    sequential: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, int | float):

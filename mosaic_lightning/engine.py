@@ -96,7 +96,9 @@ def prune_model(
             report.timings["profile"] = time.perf_counter() - clock
         plan = _plan(adapter, config, allocation, ratios, groups)
         clock = time.perf_counter()
-        pending, seconds, tokens = _sequential_prune(model, adapter, batches, method, pattern, plan, progress)
+        pending, seconds, tokens = _sequential_prune(
+            model, adapter, batches, method, pattern, plan, progress, config.sequential
+        )
         report.timings["prune"] = time.perf_counter() - clock
         masks = _commit(adapter, pending)
     finally:
@@ -176,7 +178,9 @@ def _module_name(adapter: ModelAdapter, layer: int, module: nn.Module) -> str:
     raise KeyError(module)
 
 
-def _sequential_prune(model, adapter, batches, method, pattern, plan: _Plan, progress):
+def _sequential_prune(model, adapter, batches, method, pattern, plan: _Plan, progress, sequential: bool = True):
+    """Block by block. ``sequential``: block l is calibrated on the output of blocks < l *as pruned* (a second
+    pass over each pruned block); otherwise on the dense model's activations (one pass per block, faster)."""
     pending = _Pending()
     seconds: dict[str, float] = {}
     if not method.needs_calibration:  # data-free (magnitude): no forward pass at all
@@ -189,13 +193,16 @@ def _sequential_prune(model, adapter, batches, method, pattern, plan: _Plan, pro
         if not projs:
             inputs.hidden = run_block(adapter.blocks[layer], inputs)
             continue
-        stats, _ = _block_statistics(adapter, layer, inputs, method.needs_hessian, keep_outputs=False)
+        stats, dense_out = _block_statistics(adapter, layer, inputs, method.needs_hessian, keep_outputs=not sequential)
         for stat in stats.values():
             stat.all_reduce()
         _prune_block(adapter, layer, stats, method, pattern, plan, pending, seconds)
         del stats
-        with swapped_weights(_param_values(projs, pending)):
-            inputs.hidden = run_block(adapter.blocks[layer], inputs)
+        if sequential:
+            with swapped_weights(_param_values(projs, pending)):
+                inputs.hidden = run_block(adapter.blocks[layer], inputs)
+        else:
+            inputs.hidden = dense_out
         _drop_weights(projs, pending)
     return pending, seconds, inputs.tokens
 

@@ -387,3 +387,30 @@ def test_composite_pruning_removes_whole_units_and_stays_exact(method, calib_bat
     assert removed_params > 0
     assert outcome.report.structured_params_removed == removed_params
     assert abs(removed_params - 0.25 * total) < 2 * 16 * 64  # about half of the pruned weights, to a head
+
+
+def test_non_sequential_wanda_uses_dense_activations(calib_batches):
+    """sequential=False: every block is scored on the dense model's activations (one forward, no re-runs)."""
+    from conftest import make_llama
+
+    reference_model = make_llama()
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, a, o, n=n: seen.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1])))
+        for n, m in reference_model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n != "lm_head"
+    ]
+    with torch.no_grad():
+        for ids in calib_batches:
+            reference_model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    model = make_llama()
+    config = PruningConfig(0.5, "wanda", "uniform", sequential=False)
+    outcome = prune_model(model, calib_batches, config, progress=False)
+    for name, inputs in seen.items():
+        weight = dict(reference_model.named_modules())[name].weight
+        norms = torch.cat(inputs).double().pow(2).sum(0).sqrt().float()
+        order = torch.sort(weight.abs() * norms[None, :], dim=1, stable=True).indices[:, : weight.shape[1] // 2]
+        expected = torch.ones_like(weight, dtype=torch.bool).scatter_(1, order, False)
+        assert torch.equal(outcome.masks.masks[f"{name}.weight"], expected), name

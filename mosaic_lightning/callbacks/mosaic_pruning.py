@@ -43,6 +43,8 @@ class MosaicPruning(L.Callback):
             (composite pruning; compact them with ``CompactOnFitEnd`` or ``compact_model``).
         structured_units: unit kinds, ``mlp`` and/or ``heads``.
         uniform_structure: same kept sizes in every layer, so plain ``from_pretrained`` loads the compacted model.
+        sequential: calibrate block l on blocks < l as pruned (default, as the reference methods); False uses
+            dense activations, one pass per block (faster).
         schedule: when to prune: ``OneShot()`` at fit start (default), ``OneShot(at_step=N)``, ``Gradual(...)``
             (cubic ramp re-scored on recent training batches); see :mod:`mosaic_lightning.schedules`.
         num_calibration_samples: sequences to calibrate on (from the datamodule's ``calibration_batches`` or its
@@ -68,6 +70,7 @@ class MosaicPruning(L.Callback):
         structured_fraction: float = 0.0,
         structured_units: list[str] | None = None,
         uniform_structure: bool = False,
+        sequential: bool = True,
         schedule: Schedule | None = None,
         num_calibration_samples: int | None = None,
         calibration_dataloader: Iterable | None = None,
@@ -90,6 +93,7 @@ class MosaicPruning(L.Callback):
             structured_fraction=structured_fraction,
             structured_units=list(structured_units or ["mlp", "heads"]),
             uniform_structure=uniform_structure,
+            sequential=sequential,
         )
         self.schedule = schedule or OneShot()
         self.schedule.validate(self.config.sparsity)

@@ -85,8 +85,17 @@ def measure(kind: str, prompt_len: int, new_tokens: int) -> dict:
         model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
         result[f"decode_b{batch}_tok_s"] = batch * new_tokens / (time.perf_counter() - clock)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = _peak_rss_mb()
     return result
+
+
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS. ``ru_maxrss`` is not used: Linux carries it over fork+exec, so a child of a
+    parent that pruned models would report the parent's peak."""
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _file_mb(kind: str) -> float:

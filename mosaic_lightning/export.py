@@ -9,6 +9,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+from contextlib import contextmanager
 
 from safetensors.torch import save_file
 from torch import nn
@@ -42,11 +43,7 @@ def save_pruned(
     ``model.safetensors``) rather than silently initialising missing weights. ``extra_files`` (name -> text)
     are written alongside, e.g. the resolved recipe.
     """
-    path = check_export_dir(export_dir).absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the export should look like any new dir
+    with atomic_directory(export_dir) as tmp:
         if compress:
             _save_compressed(model, tmp)
         else:
@@ -58,13 +55,25 @@ def save_pruned(
         if report is not None:
             report.save_json(tmp / "pruning_report.json")
             report.save_heatmap(tmp / "sparsity_heatmap.png")
+    return pathlib.Path(export_dir).absolute()
+
+
+@contextmanager
+def atomic_directory(target: str | os.PathLike):
+    """A temp directory beside ``target`` to write into; renamed to ``target`` only when the block succeeds,
+    removed otherwise, so ``target`` is never half-written and an existing non-empty one is never touched."""
+    path = check_export_dir(target).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any new dir
+        yield tmp
         if path.exists():  # an empty directory: replace it
             path.rmdir()
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
 
 
 def _save_compressed(model: nn.Module, directory: pathlib.Path) -> None:

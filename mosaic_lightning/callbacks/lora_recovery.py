@@ -25,11 +25,8 @@ Lifecycle (single-device strategies; the adapter is attached after the strategy 
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
-import shutil
-import tempfile
 
 import lightning as L
 import torch
@@ -38,6 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from ..adapters import CANONICAL_NAMES, ModelAdapter
+from ..export import atomic_directory
 from ..masks import MaskStore, canonical_name
 from .mosaic_pruning import MosaicPruning, causal_lm
 
@@ -307,20 +305,9 @@ def _short_names(model: nn.Module) -> dict[str, str]:
 
 def _save_adapter(peft_model: nn.Module, adapter_dir: str) -> None:
     """peft ``save_pretrained`` into a temp dir next to the target, then rename: never a half-written adapter."""
-    path = _check_adapter_dir(adapter_dir).absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new directory
+    _check_adapter_dir(adapter_dir)
+    with atomic_directory(adapter_dir) as tmp:
         peft_model.save_pretrained(tmp)
-        if path.exists():  # an empty directory: replace it
-            path.rmdir()
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # -- argument checks --------------------------------------------------------------------------------------

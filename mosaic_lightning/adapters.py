@@ -87,15 +87,16 @@ class Projection:
         w = self.module.weight.data
         if is_partitioned(self.module.weight) and w.numel() == 0:  # DeepSpeed ZeRO-3 hook point
             raise RuntimeError(f"{self.param_name} is partitioned by ZeRO-3: read it inside zero.gathered(module)")
-        if self.transposed:
-            w = w.t()
-        return w if self.rows is None else w[self.rows]
+        return self.view_of(w)
+
+    def view_of(self, full: torch.Tensor) -> torch.Tensor:
+        """This projection's ``[out, in]`` view of a tensor shaped like the parameter (weight, mask, gradient)."""
+        view = full.t() if self.transposed else full
+        return view if self.rows is None else view[self.rows]
 
     def to_param_layout(self, mask_out_in: torch.Tensor, full: torch.Tensor) -> None:
         """Write an ``[out, in]`` tensor into ``full`` (shaped like the parameter) at this projection's place."""
-        view = full.t() if self.transposed else full
-        view = view if self.rows is None else view[self.rows]
-        view.copy_(mask_out_in)
+        self.view_of(full).copy_(mask_out_in)
 
     @property
     def out_features(self) -> int:

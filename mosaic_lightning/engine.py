@@ -304,9 +304,7 @@ def commit_masks(adapter: ModelAdapter, keeps: dict[str, torch.Tensor]) -> MaskS
 
 
 def _projection_report(adapter, proj: Projection, plan: _Plan, masks: MaskStore, ratios, seconds):
-    keep = masks.masks[proj.param_name]
-    keep = keep.t() if proj.transposed else keep
-    keep = keep if proj.rows is None else keep[proj.rows]
+    keep = proj.view_of(masks.masks[proj.param_name])
     with gathered(proj.module):
         zeros = int((proj.weight_view() == 0).sum())
     return ProjectionReport(

@@ -358,8 +358,7 @@ def _grad_view(proj: Projection) -> torch.Tensor:
     param = proj.weight
     if param.grad is None:
         param.grad = torch.zeros_like(param)
-    grad = param.grad.t() if proj.transposed else param.grad
-    return grad if proj.rows is None else grad[proj.rows]
+    return proj.view_of(param.grad)
 
 
 def _projection_report(

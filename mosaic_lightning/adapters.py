@@ -129,6 +129,17 @@ def _is_projection_module(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+def _base_layer(module: nn.Module | None) -> nn.Module | None:
+    """The layer holding the weight: itself, or the ``base_layer`` a peft LoRA wrapper keeps it in."""
+    return getattr(module, "base_layer", module)
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a peft ``PeftModel`` (LoRA layers stay in place), or ``model`` itself."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
 class ModelAdapter:
     """Blocks and projections of a causal LM, filtered by ``targets`` and ``exclude``.
 
@@ -144,7 +155,9 @@ class ModelAdapter:
         exclude: Sequence[str] = (),
         spec: ArchitectureSpec | None = None,
     ) -> None:
-        self.model = model
+        # Under a peft wrapper (LoRA attached before pruning, as LoRARecovery does) the projections are the
+        # wrapped base layers; parameter names stay the plain HF ones.
+        self.model = model = unwrap_peft(model)
         self.spec = spec or detect_architecture(model)
         blocks = _get(model, self.spec.blocks)
         if not isinstance(blocks, nn.ModuleList):
@@ -168,7 +181,7 @@ class ModelAdapter:
         prefix = f"{self.spec.blocks}.{layer}"
         found = []
         for short, path in self.spec.projections.items():
-            module = _get(block, path)
+            module = _base_layer(_get(block, path))
             if module is None or not _is_projection_module(module):
                 raise ValueError(f"block {prefix} has no projection module at {path!r}")
             transposed = not isinstance(module, nn.Linear)
@@ -232,7 +245,7 @@ def detect_architecture(model: nn.Module) -> ArchitectureSpec:
     for spec in KNOWN_ARCHITECTURES.values():
         blocks = _get(model, spec.blocks)
         if isinstance(blocks, nn.ModuleList) and len(blocks) > 0 and all(
-            _is_projection_module(_get(blocks[0], p) or nn.Identity()) for p in spec.projections.values()
+            _is_projection_module(_base_layer(_get(blocks[0], p)) or nn.Identity()) for p in spec.projections.values()
         ):
             return spec
     linears = [n for n, m in model.named_modules() if _is_projection_module(m)]

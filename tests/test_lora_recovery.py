@@ -4,6 +4,7 @@ format, GPT-2 Conv1D works, bad targets fail clearly, and a resumed run ends bit
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import lightning as L
@@ -202,7 +203,7 @@ def test_merge_false_keeps_the_peft_model_for_a_later_masked_merge():
 
 
 def test_lora_on_a_projection_that_was_not_pruned_fails():
-    with pytest.raises(ValueError, match=r"targets=\['o'\].*did not prune: \['o'\].*pruned projections: \['k', 'q'\]"):
+    with pytest.raises(ValueError, match=r"targets=\['o'\].*does not prune: \['o'\].*pruned projections: \['k', 'q'\]"):
         _fit([_pruning(targets=["q", "k"]), LoRARecovery(targets=["o"])], max_steps=1)
 
 
@@ -238,9 +239,9 @@ def test_resume_mid_recovery_equals_uninterrupted_run(tmp_path, lora_first):
     full, _ = _resumable_run(max_steps=8, checkpoint_dir=tmp_path, lora_first=lora_first)
     mid = tmp_path / "epoch=0-step=4.ckpt"
     checkpoint = torch.load(mid, weights_only=False)
-    assert set(checkpoint["state_dict"]) == {f"model.{k}" for k in make_llama().state_dict()}  # plain HF keys
-    saved = next(v for k, v in checkpoint["callbacks"].items() if "LoRARecovery" in k)
-    assert len(saved["lora"]) == 2 * len(TARGET_PARAMS["llama"])
+    saved = {canonical_name(k.removeprefix("model.")) for k in checkpoint["state_dict"]}  # the adapter is module state
+    assert len({k for k in saved if ".lora_" in k}) == 2 * len(TARGET_PARAMS["llama"])
+    assert {k for k in saved if ".lora_" not in k} == set(make_llama().state_dict())
 
     resumed, lora = _resumable_run(max_steps=8, ckpt_path=mid, lora_first=lora_first)
     assert lora.merged
@@ -250,8 +251,12 @@ def test_resume_mid_recovery_equals_uninterrupted_run(tmp_path, lora_first):
 
 def test_resume_with_other_adapter_settings_fails(tmp_path):
     _resumable_run(max_steps=4, checkpoint_dir=tmp_path)
-    with pytest.raises(ValueError, match=r"r=8 differs from the checkpoint's r=4"):
-        _fit([_pruning(), LoRARecovery(r=8, alpha=ALPHA)], max_steps=8, ckpt_path=tmp_path / "epoch=0-step=4.ckpt")
+    ckpt = tmp_path / "epoch=0-step=4.ckpt"
+    with pytest.raises(ValueError, match=r"alpha=4.0 differs from the checkpoint's alpha=8.0"):
+        _fit([_pruning(), LoRARecovery(r=R, alpha=4.0)], max_steps=8, ckpt_path=ckpt)
+    # Another rank changes the adapter's shapes: the module weights refuse to load, naming the tensor.
+    with pytest.raises(RuntimeError, match=r"lora_A.*torch.Size\(\[4, 64\]\) from checkpoint.*torch.Size\(\[8, 64\]\)"):
+        _fit([_pruning(), LoRARecovery(r=8, alpha=ALPHA)], max_steps=8, ckpt_path=ckpt)
 
 
 BAD_ARGS = [
@@ -281,3 +286,23 @@ def test_refuses_a_non_empty_adapter_dir(tmp_path):
     with pytest.raises(FileExistsError, match="adapter_dir="):
         LoRARecovery(adapter_dir=str(tmp_path))
     LoRARecovery(adapter_dir=str(tmp_path / "new"))  # a new or empty directory is fine
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_pruning_through_the_adapter_equals_pruning_the_plain_model(method):
+    """LoRA is attached before pruning (B = 0): the wrapper must not change a single mask entry or weight."""
+    from peft import LoraConfig, get_peft_model
+
+    from mosaic_lightning import PruningConfig, prune_model
+
+    torch.manual_seed(0)
+    plain = make_llama()
+    wrapped = get_peft_model(copy.deepcopy(plain), LoraConfig(r=R, target_modules=["q_proj", "up_proj", "down_proj"]))
+    config = PruningConfig(0.5, method, "mosaic")
+    expected = prune_model(plain, random_batches(), config, progress=False)
+    got = prune_model(wrapped, random_batches(), config, progress=False)
+    assert got.masks.masks.keys() == expected.masks.masks.keys() == set(TARGET_PARAMS["llama"])
+    weights = _weights(wrapped)
+    for name, keep in expected.masks.masks.items():
+        assert torch.equal(got.masks.masks[name], keep), name
+        torch.testing.assert_close(weights[name], plain.state_dict()[name], rtol=0, atol=0, msg=name)

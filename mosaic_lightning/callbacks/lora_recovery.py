@@ -6,21 +6,23 @@ zeros cannot move during training. Why a masked merge: a plain merge ``W + scale
 pruning; ``W + mask ⊙ (scale·BA)`` keeps every pruned weight (structured units included) at exactly zero. Since
 pruned entries of ``W`` are already zero, that is a plain merge followed by re-applying the pruning masks.
 
-Lifecycle (single-device strategies; the adapter is attached after the strategy has set the model up):
+Lifecycle (the same on one device, DDP and DeepSpeed ZeRO-2/3):
 
-* attach: in ``on_fit_start`` when ``MosaicPruning`` already has its masks (it comes earlier in
-  ``trainer.callbacks``, or its masks came back from a checkpoint); otherwise in ``on_train_start``, which runs
-  after every ``on_fit_start`` (``LightningCLI`` appends its ``pruning`` group *after* ``trainer.callbacks``).
-  Attaching wraps the model with peft (``pl_module.model`` becomes a ``PeftModel``, whose parameter names
-  :func:`~mosaic_lightning.masks.canonical_name` maps back to the HF names) and rebuilds the optimizers, because
-  Lightning built them before ``on_fit_start`` from the then-trainable base weights.
+* attach: in ``setup``, before the strategy wraps the model and builds the optimizer, so DDP's gradient
+  reduction and DeepSpeed's partitions and fp32 masters cover the adapter. The base is frozen and LoRA goes on
+  every projection ``MosaicPruning`` is configured to prune (its ``targets``/``exclude``). ``MosaicPruning`` then
+  prunes at fit start through the wrapper: ``B = 0`` at init, so calibration sees exactly the base model, and
+  :func:`~mosaic_lightning.masks.canonical_name` maps the peft parameter names back to the HF ones. A module that
+  loads its model in ``configure_model`` (as :class:`~mosaic_lightning.CausalLM` does) gets it called here, in the
+  strategy's init contexts; Lightning requires that hook to be idempotent, so its own call later is a no-op.
 * detach: in ``on_train_end`` (``on_fit_end`` when the loop never ran, e.g. ``max_steps=0``): save the adapter
-  (optional), merge with the masks and unload, so ``on_fit_end`` callbacks (``CompactOnFitEnd``) and the CLI's
-  export after ``fit`` see the plain Hugging Face model with its original parameter names.
-* checkpoints: the module's state dict is written in plain-HF form (no ``lora_``/``base_layer`` keys) and the
-  adapter weights go into this callback's state, so a fresh module loads the checkpoint before the adapter exists
-  (Lightning restores module weights before ``on_fit_start``); on resume the adapter is attached in
-  ``on_fit_start`` with the saved weights, before Lightning restores the optimizer state that belongs to it.
+  (optional), then merge it keeping sparsity, one LoRA layer at a time (gathered under ZeRO-3). On one device
+  and DDP the wrapper is unloaded, so ``on_fit_end`` callbacks and the CLI's export see the plain HF model. Under
+  DeepSpeed the engine keeps the wrapper (its layers are merged and bypass the adapter); exports consolidate the
+  plain model from it (:func:`~mosaic_lightning.consolidate.consolidated_copy`).
+* checkpoints: the adapter is part of the module while training, so its weights (and under DeepSpeed its
+  partitions and optimizer state) travel in the module's checkpoint; a resumed run attaches the adapter in
+  ``setup`` before Lightning restores the weights.
 """
 
 from __future__ import annotations
@@ -30,13 +32,13 @@ import re
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from ..adapters import CANONICAL_NAMES, ModelAdapter
 from ..export import atomic_directory
 from ..masks import MaskStore, canonical_name
+from ..zero import deepspeed_engine, full_shape, gathered_params
 from .mosaic_pruning import MosaicPruning, causal_lm
 
 _MODEL_ATTR = "model"  # where the LightningModule keeps the HF model; the checkpoint keys start with it
@@ -45,7 +47,7 @@ _MODEL_ATTR = "model"  # where the LightningModule keeps the HF model; the check
 class LoRARecovery(L.Callback):
     """Recover quality after one-shot pruning with LoRA adapters that are merged back without losing sparsity.
 
-    Put it after ``MosaicPruning`` (any order works; see the module docstring). The LightningModule must keep its
+    Any order in ``trainer.callbacks`` works (see the module docstring). The LightningModule must keep its
     Hugging Face model at ``.model`` and build its optimizer from trainable parameters only (as
     :class:`~mosaic_lightning.CausalLM` does), since frozen base weights must stay bit-identical.
 
@@ -85,33 +87,21 @@ class LoRARecovery(L.Callback):
         self.merge = merge
         self.attached = False
         self.merged = False
-        self._pending: dict[str, torch.Tensor] | None = None  # adapter weights from a checkpoint
         self._trainable: dict[str, bool] = {}  # base requires_grad flags, restored after unloading
-        self._peft_model: nn.Module | None = None  # while attached (state_dict() gets no module argument)
+        self._peft_model: nn.Module | None = None  # while attached
         self._finished = False  # adapter saved / merged for this fit (on_train_end and on_fit_end both call it)
 
     # -- loop events ------------------------------------------------------------------------------------
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        _check_strategy(trainer)
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
         pruning = _find_pruning(trainer)
         if self.adapter_dir is not None:
             _check_adapter_dir(self.adapter_dir)
         self._finished = False
-        if self.attached:  # merge=False in an earlier fit: keep training the same adapter
-            return
-        if pruning.masks is not None:
-            self._attach(trainer, pl_module, pruning.masks)
-        elif trainer.callbacks.index(pruning) < trainer.callbacks.index(self):
-            raise RuntimeError(_NO_MASKS)
-        # else MosaicPruning prunes later in this hook round; attach in on_train_start.
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.attached:
-            return
-        pruning = _find_pruning(trainer)
-        if pruning.masks is None:
-            raise RuntimeError(_NO_MASKS)
-        self._attach(trainer, pl_module, pruning.masks)
+        if not self.attached:  # else merge=False in an earlier fit: keep training the same adapter
+            _configure_model(trainer, pl_module)
+            self._attach(pl_module, pruning.config.targets, pruning.config.exclude)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish(trainer, pl_module)
@@ -120,12 +110,12 @@ class LoRARecovery(L.Callback):
         self._finish(trainer, pl_module)  # no-op unless the training loop was skipped
 
     # -- attach / detach --------------------------------------------------------------------------------
-    def _attach(self, trainer: L.Trainer, pl_module: L.LightningModule, masks: MaskStore) -> None:
-        """Freeze the base, wrap it with LoRA on the pruned projections, train only the adapter."""
+    def _attach(self, pl_module: L.LightningModule, pruned: list[str] | None, excluded: list[str]) -> None:
+        """Freeze the base, wrap it with LoRA on the projections to be pruned, train only the adapter."""
         from peft import LoraConfig, get_peft_model
 
         model = _hf_model(pl_module)
-        modules = self._lora_modules(model, masks)
+        modules = self._lora_modules(model, pruned, excluded)
         self._trainable = {name: p.requires_grad for name, p in model.named_parameters()}
         model.requires_grad_(False)
         config = LoraConfig(
@@ -138,30 +128,27 @@ class LoRARecovery(L.Callback):
             task_type="CAUSAL_LM",
         )
         peft_model = get_peft_model(model, config)
-        if self._pending is not None:
-            _load_lora_weights(peft_model, self._pending)
-            self._pending = None
         setattr(pl_module, _MODEL_ATTR, peft_model)
         self._peft_model = peft_model
         self.attached, self.merged, self._finished = True, False, False
-        trainer.strategy.setup_optimizers(trainer)
-        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        trainable = sum(_numel(p) for p in peft_model.parameters() if p.requires_grad)
         rank_zero_info(f"LoRARecovery: r={self.r} on {len(modules)} projections, {trainable:,} trainable parameters")
 
-    def _lora_modules(self, model: nn.Module, masks: MaskStore) -> list[str]:
-        """Module names to adapt; every one must carry a pruning mask, or the merge could not keep its zeros."""
-        pruned = sorted(name.removesuffix(".weight") for name in masks.masks)
+    def _lora_modules(self, model: nn.Module, pruned: list[str] | None, excluded: list[str]) -> list[str]:
+        """Module names to adapt; each must be one MosaicPruning prunes, or the merge could not keep its zeros."""
+        adapter = ModelAdapter(model, targets=pruned, exclude=excluded)
+        prunable = sorted({adapter.module_name(p) for p in adapter.all_projections()})
         if self.targets is None:
-            return pruned
+            return prunable
         adapter = ModelAdapter(model, targets=self.targets)
         chosen = sorted({adapter.module_name(p) for p in adapter.all_projections()})
-        missing = [m for m in chosen if m not in set(pruned)]
+        missing = [m for m in chosen if m not in set(prunable)]
         if missing:
             short = _short_names(model)
             raise ValueError(
-                f"targets={self.targets!r} selects projections MosaicPruning did not prune: "
+                f"targets={self.targets!r} selects projections MosaicPruning does not prune: "
                 f"{sorted({short.get(m, m) for m in missing})} (e.g. {missing[0]!r}); pruned projections: "
-                f"{sorted({short.get(m, m) for m in pruned})} ({len(pruned)} modules). LoRA recovery adapts "
+                f"{sorted({short.get(m, m) for m in prunable})} ({len(prunable)} modules). LoRA recovery adapts "
                 "pruned projections only; choose targets among those, or None for all of them"
             )
         return chosen
@@ -172,31 +159,30 @@ class LoRARecovery(L.Callback):
         if peft_model is None or self._finished:
             return
         self._finished = True
-        if self.adapter_dir is not None and trainer.is_global_zero:
-            _save_adapter(peft_model, self.adapter_dir)
+        if self.adapter_dir is not None:
+            _save_adapter(peft_model, self.adapter_dir, trainer.is_global_zero)
             rank_zero_info(f"LoRARecovery: saved the adapter to {self.adapter_dir}")
         if not self.merge:
             return
         pruning = _find_pruning(trainer)
-        model = merge_keeping_sparsity(peft_model, pruning.masks)
+        if pruning.masks is None:
+            raise RuntimeError(_NO_MASKS)
+        sharded = deepspeed_engine(trainer) is not None  # the engine owns the module tree: merge, keep the wrapper
+        model = merge_keeping_sparsity(peft_model, pruning.masks, unload=not sharded)
+        self.merged = True
+        if sharded:
+            return
         for name, param in model.named_parameters():
             param.requires_grad_(self._trainable.get(name, param.requires_grad))
         setattr(pl_module, _MODEL_ATTR, model)
         self._peft_model = None
-        self.attached, self.merged = False, True
+        self.attached = False
         if pruning.report is not None:
             pruning.report.metrics.update(lora_rank=self.r, lora_recovery_steps=trainer.global_step)
 
-    # -- checkpointing ----------------------------------------------------------------------------------
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        """Write the module weights as the plain HF model (the adapter lives in this callback's state), so a
-        fresh module, which has no adapter when Lightning restores it, loads them with strict key checking."""
-        if self.attached:
-            checkpoint["state_dict"] = plain_state_dict(checkpoint["state_dict"], f"{_MODEL_ATTR}.")
-
+    # -- checkpointing: the adapter's weights are module weights; only the settings are checked here -------
     def state_dict(self) -> dict:
-        lora = lora_weights(self._peft_model) if self._peft_model is not None else None
-        return {"r": self.r, "alpha": self.alpha, "targets": self.targets, "merged": self.merged, "lora": lora}
+        return {"r": self.r, "alpha": self.alpha, "targets": self.targets, "merged": self.merged}
 
     def load_state_dict(self, state_dict: dict) -> None:
         for name in ("r", "alpha", "targets"):
@@ -205,8 +191,6 @@ class LoRARecovery(L.Callback):
                     f"LoRARecovery {name}={getattr(self, name)!r} differs from the checkpoint's "
                     f"{name}={state_dict.get(name)!r}; resume with the same adapter settings"
                 )
-        self._pending = state_dict.get("lora")
-        self.merged = bool(state_dict.get("merged", False))
 
 
 _NO_MASKS = (
@@ -217,53 +201,46 @@ _NO_MASKS = (
 
 # -- helpers ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def merge_keeping_sparsity(peft_model: nn.Module, masks: MaskStore) -> nn.Module:
-    """Merge LoRA into the base weights as ``W + mask ⊙ (scale·B A)`` and return the unloaded HF model.
+def merge_keeping_sparsity(peft_model: nn.Module, masks: MaskStore, unload: bool = True) -> nn.Module:
+    """Merge LoRA into the base weights as ``W + mask ⊙ (scale·B A)``; return the unloaded HF model (or, with
+    ``unload=False``, the wrapper with every LoRA layer merged, so its forward is the merged model's).
 
-    Pruned entries of ``W`` are zero, so this equals peft's plain merge followed by re-applying the masks, which is
-    how it is computed (peft handles Conv1D layout, dtype casts and adapter scaling).
+    Pruned entries of ``W`` are zero, so this is peft's merge (Conv1D layout, dtype casts, adapter scaling) followed
+    by re-applying the masks, one LoRA layer at a time; under ZeRO-3 only that layer is gathered.
     """
-    model = peft_model.merge_and_unload()
-    masks.apply_(model)
-    return model
+    from peft.tuners.lora import LoraLayer
 
-
-def lora_weights(peft_model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter tensors by canonical name (``...q_proj.lora_A.default.weight``), detached CPU copies."""
-    return {
-        canonical_name(name): param.detach().cpu().clone()
-        for name, param in peft_model.named_parameters()
-        if _is_lora_key(name)
-    }
-
-
-def plain_state_dict(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """``state`` with the peft wrapper under ``prefix`` written as the plain HF model: adapter keys dropped,
-    ``base_model.model.`` and ``.base_layer.`` removed."""
-    plain = {}
-    for key, value in state.items():
-        if not key.startswith(prefix):
-            plain[key] = value
-        elif not _is_lora_key(key):
-            plain[prefix + canonical_name(key.removeprefix(prefix))] = value
-    return plain
+    for name, layer in peft_model.named_modules():
+        if not isinstance(layer, LoraLayer) or layer.merged:
+            continue
+        weight_name = canonical_name(f"{name}.weight")
+        if weight_name not in masks:
+            raise ValueError(f"{weight_name} carries a LoRA adapter but no pruning mask: its merge would be dense")
+        with gathered_params(layer.parameters(), modify=True):
+            layer.merge()
+            weight = layer.get_base_layer().weight
+            weight.data.masked_fill_(~masks.masks[weight_name].to(weight.device), 0)
+    return peft_model.unload() if unload else peft_model
 
 
 def _is_lora_key(name: str) -> bool:
     return any(part.startswith("lora_") for part in name.split("."))
 
 
-@torch.no_grad()
-def _load_lora_weights(peft_model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    params = {canonical_name(n): p for n, p in peft_model.named_parameters() if _is_lora_key(n)}
-    if params.keys() != weights.keys():
-        extra, absent = sorted(weights.keys() - params.keys()), sorted(params.keys() - weights.keys())
-        raise ValueError(
-            f"LoRARecovery: the checkpoint's adapter does not fit this model: {len(extra)} saved tensors have no "
-            f"place (e.g. {extra[:1]}), {len(absent)} adapter tensors are not saved (e.g. {absent[:1]})"
-        )
-    for name, param in params.items():
-        param.copy_(weights[name])
+def _numel(param: torch.Tensor) -> int:
+    return full_shape(param).numel()
+
+
+def _configure_model(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    """Build a model that loads in ``configure_model`` now, in the strategy's init contexts, as Lightning would."""
+    if getattr(pl_module, _MODEL_ATTR, None) is not None:
+        return
+    with (
+        trainer.strategy.tensor_init_context(),
+        trainer.strategy.model_sharded_context(),
+        trainer.precision_plugin.module_init_context(),
+    ):
+        pl_module.configure_model()
 
 
 def _find_pruning(trainer: L.Trainer) -> MosaicPruning:
@@ -273,15 +250,6 @@ def _find_pruning(trainer: L.Trainer) -> MosaicPruning:
     if not getattr(pruning.schedule, "prunes_at_fit_start", False):
         raise RuntimeError(f"{_NO_MASKS}; got schedule={type(pruning.schedule).__name__}")
     return pruning
-
-
-def _check_strategy(trainer: L.Trainer) -> None:
-    """The adapter is attached after the strategy set the model up; a DDP/FSDP/DeepSpeed wrapper built then
-    would not know the LoRA parameters, so refuse rather than train them wrong."""
-    if not isinstance(trainer.strategy, SingleDeviceStrategy):
-        raise RuntimeError(
-            f"LoRARecovery supports single-device strategies only; got strategy={type(trainer.strategy).__name__}"
-        )
 
 
 def _hf_model(pl_module: L.LightningModule) -> nn.Module:
@@ -303,11 +271,14 @@ def _short_names(model: nn.Module) -> dict[str, str]:
     return {module: "/".join(parts) for module, parts in names.items()}
 
 
-def _save_adapter(peft_model: nn.Module, adapter_dir: str) -> None:
-    """peft ``save_pretrained`` into a temp dir next to the target, then rename: never a half-written adapter."""
-    _check_adapter_dir(adapter_dir)
-    with atomic_directory(adapter_dir) as tmp:
-        peft_model.save_pretrained(tmp)
+def _save_adapter(peft_model: nn.Module, adapter_dir: str, writer: bool) -> None:
+    """peft ``save_pretrained`` into a temp dir next to the target, then rename: never a half-written adapter.
+    Every rank joins the gather of the adapter's ZeRO-3 partitions (only the adapter); ``writer`` writes."""
+    with gathered_params(p for n, p in peft_model.named_parameters() if _is_lora_key(n)):
+        if writer:
+            _check_adapter_dir(adapter_dir)
+            with atomic_directory(adapter_dir) as tmp:
+                peft_model.save_pretrained(tmp)
 
 
 # -- argument checks --------------------------------------------------------------------------------------

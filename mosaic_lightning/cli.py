@@ -10,15 +10,16 @@ from __future__ import annotations
 import time
 
 import torch
+from lightning.pytorch import Callback
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from .callbacks import MosaicPruning, causal_lm
-from .compact import compact_model
+from .callbacks import CompactOnFitEnd, MosaicPruning, causal_lm
+from .callbacks.compact_on_fit_end import final_model
+from .callbacks.mosaic_pruning import build_model_now
 from .evaluation import perplexity
 from .export import check_export_dir, save_pruned
 from .lit import CausalLM, TextDataModule
-from .zero import gathered_params
 
 
 class MosaicCLI(LightningCLI):
@@ -50,11 +51,10 @@ class MosaicCLI(LightningCLI):
         if config.export_dir:
             check_export_dir(config.export_dir)
         self._clock = time.perf_counter()
-        self.model.configure_model()
         self.datamodule.setup("fit")
         self._metrics: dict[str, float] = {}
-        if config.evaluate:
-            self._metrics["ppl_dense"] = self._perplexity("dense perplexity")
+        if config.evaluate:  # in the fit's setup: the process group exists there, so ranks share the batches
+            self.trainer.callbacks.append(_DensePerplexity(self))
 
     def after_fit(self) -> None:
         config = self.config[self.subcommand]
@@ -71,41 +71,35 @@ class MosaicCLI(LightningCLI):
             logger.log_metrics(self._metrics, step=self.trainer.global_step)
             logger.save()
         rank_zero_info(report.summary())
-        if callback.structure and not callback.compacted:
-            self._compact(callback, report)
-        if config.export_dir:
-            model = causal_lm(self.model)
-            # DeepSpeed ZeRO-3 hook point: every rank joins the gather of the whole model for the export (only
-            # here, never while pruning); a no-op otherwise.
-            with gathered_params(model.parameters()):
-                if self.trainer.is_global_zero:
-                    path = save_pruned(
-                        model, self.datamodule.tokenizer, config.export_dir, report, config.compress_export
-                    )
-                    rank_zero_info(f"saved pruned model and pruning_report.json to {path}")
+        model = self._final_model(callback)
+        if config.export_dir and self.trainer.is_global_zero:
+            path = save_pruned(model, self.datamodule.tokenizer, config.export_dir, report, config.compress_export)
+            rank_zero_info(f"saved pruned model and pruning_report.json to {path}")
 
-    @torch.no_grad()
-    def _compact(self, callback: MosaicPruning, report) -> None:
-        """Physically remove pruned units; check on one held-out batch that the function did not change."""
-        model = causal_lm(self.model).eval()
-        batch = next(iter(self.datamodule.val_dataloader()))["input_ids"][:1].to(model.device)
-        before = model(input_ids=batch, use_cache=False).logits
-        params_before = sum(p.numel() for p in model.parameters())
-        compact_model(model, callback.structure)
-        callback.compacted = True
-        difference = (model(input_ids=batch, use_cache=False).logits - before).abs().max().item()
-        report.metrics.update(
-            params_before_compaction=params_before,
-            params_after_compaction=sum(p.numel() for p in model.parameters()),
-            compaction_max_logit_difference=difference,
-        )
-        rank_zero_info(f"compacted {params_before:,} -> {report.metrics['params_after_compaction']:,} parameters")
+    def _final_model(self, callback: MosaicPruning) -> torch.nn.Module | None:
+        """The model to export, compacted (under DeepSpeed consolidated on rank 0; None on the other ranks)."""
+        compactor = next((cb for cb in self.trainer.callbacks if isinstance(cb, CompactOnFitEnd)), None)
+        if compactor is not None:  # it already compacted (and consolidated) at fit end
+            return compactor.model
+        probe = next(iter(self.datamodule.val_dataloader()))["input_ids"][:1]
+        return final_model(self.trainer, self.model, callback, probe)
 
     def _perplexity(self, desc: str) -> float:
         clock = time.perf_counter()
         value = perplexity(causal_lm(self.model), self.datamodule.val_dataloader(), desc=desc)
         self._metrics[f"{desc.split()[0]}_eval_s"] = time.perf_counter() - clock
         return value
+
+
+class _DensePerplexity(Callback):
+    """Dense perplexity in the fit's ``setup``: after the process group starts, before anything is pruned."""
+
+    def __init__(self, cli: MosaicCLI) -> None:
+        self.cli = cli
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        build_model_now(trainer, pl_module)
+        self.cli._metrics["ppl_dense"] = self.cli._perplexity("dense perplexity")
 
 
 def main() -> None:

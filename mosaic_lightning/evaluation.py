@@ -1,13 +1,20 @@
-"""Perplexity on held-out windows with torchmetrics: ``exp(mean NLL)`` over every predicted token."""
+"""Perplexity on held-out windows with torchmetrics: ``exp(mean NLL)`` over every predicted token.
+
+Under ``torch.distributed`` (DDP, DeepSpeed) every rank scores its share of the batches and torchmetrics sums the
+totals over ranks at ``compute``, so the result is the single-process one and no rank repeats another's work.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 from torchmetrics.text import Perplexity
 from tqdm.auto import tqdm
+
+from .zero import is_partitioned
 
 
 def update_perplexity(metric: Perplexity, logits: torch.Tensor, input_ids: torch.Tensor) -> None:
@@ -17,15 +24,46 @@ def update_perplexity(metric: Perplexity, logits: torch.Tensor, input_ids: torch
 
 @torch.no_grad()
 def perplexity(model: nn.Module, batches: Iterable, progress: bool = True, desc: str = "perplexity") -> float:
-    """Perplexity of a causal LM over ``batches`` (tensors of ``input_ids`` or dicts holding them)."""
-    device = next(model.parameters()).device
+    """Perplexity of a causal LM over ``batches`` (tensors of ``input_ids`` or dicts holding them).
+
+    Rank ``r`` of ``w`` scores batches ``r, r + w, ...``. Every rank runs the same number of forwards (a rank
+    whose share is one shorter repeats a batch without scoring it), because a ZeRO-3 forward gathers each layer
+    from all ranks and would hang if one rank stopped early.
+    """
+    batches = [batch["input_ids"] if isinstance(batch, dict) else batch for batch in batches]
+    if not batches:
+        raise ValueError("perplexity: no evaluation batches")
+    rank, world = _rank_and_world()
+    device = _device(model)
     metric = Perplexity().to(device)
     was_training = model.training
     model.eval()
     try:
-        for batch in tqdm(batches, desc=desc, disable=not progress):
-            ids = (batch["input_ids"] if isinstance(batch, dict) else batch).to(device)
-            update_perplexity(metric, model(input_ids=ids, use_cache=False).logits, ids)
+        for step in tqdm(range(math.ceil(len(batches) / world)), desc=desc, disable=not progress or rank != 0):
+            index = step * world + rank
+            ids = batches[min(index, len(batches) - 1)].to(device)
+            logits = model(input_ids=ids, use_cache=False).logits
+            if index < len(batches):
+                update_perplexity(metric, logits, ids)
     finally:
         model.train(was_training)
-    return float(metric.compute())
+    return float(metric.compute())  # sums the totals over ranks when torch.distributed is initialised
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _device(model: nn.Module) -> torch.device:
+    """Where inputs go: the parameters' device; under ZeRO-3 (parameters may be offloaded) the rank's
+    accelerator, where DeepSpeed gathers them."""
+    param = next(model.parameters())
+    if is_partitioned(param):
+        from deepspeed.accelerator import get_accelerator
+
+        return torch.device(get_accelerator().current_device_name())
+    return param.device

@@ -32,3 +32,34 @@ def test_perplexity_restores_training_mode_and_sees_pruning(llama):
     with torch.no_grad():
         llama.lm_head.weight.mul_(3.0)  # sharper, wrong logits on random data
     assert perplexity(llama, batches, progress=False) > dense
+
+
+def _distributed_perplexity(rank: int, port: int, batches, out) -> None:
+    import torch.distributed as dist
+    from conftest import make_llama
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model, calls = make_llama(), []
+        model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(1), with_kwargs=True)
+        out[rank] = (perplexity(model, batches, progress=False), len(calls))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_perplexity_shares_batches_and_equals_one_process(llama):
+    """2 gloo ranks over 5 batches: rank 0 scores 3, rank 1 scores 2 and repeats one unscored forward (ranks must
+    run equally many forwards under ZeRO-3); the reduced result equals one process scoring all 5."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    batches = random_batches(num=5, batch=2, seq_len=12, seed=9)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_distributed_perplexity, args=(port, batches, out), nprocs=2)
+    expected = perplexity(llama, batches, progress=False)
+    assert out[0][0] == pytest.approx(expected, rel=1e-6) and out[1][0] == pytest.approx(expected, rel=1e-6)
+    assert out[0][1] == out[1][1] == 3

@@ -39,7 +39,7 @@ from ..adapters import CANONICAL_NAMES, ModelAdapter
 from ..export import atomic_directory
 from ..masks import MaskStore, canonical_name
 from ..zero import deepspeed_engine, full_shape, gathered_params
-from .mosaic_pruning import MosaicPruning, causal_lm
+from .mosaic_pruning import MosaicPruning, build_model_now, causal_lm
 
 _MODEL_ATTR = "model"  # where the LightningModule keeps the HF model; the checkpoint keys start with it
 
@@ -100,7 +100,7 @@ class LoRARecovery(L.Callback):
             _check_adapter_dir(self.adapter_dir)
         self._finished = False
         if not self.attached:  # else merge=False in an earlier fit: keep training the same adapter
-            _configure_model(trainer, pl_module)
+            build_model_now(trainer, pl_module)
             self._attach(pl_module, pruning.config.targets, pruning.config.exclude)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -229,18 +229,6 @@ def _is_lora_key(name: str) -> bool:
 
 def _numel(param: torch.Tensor) -> int:
     return full_shape(param).numel()
-
-
-def _configure_model(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-    """Build a model that loads in ``configure_model`` now, in the strategy's init contexts, as Lightning would."""
-    if getattr(pl_module, _MODEL_ATTR, None) is not None:
-        return
-    with (
-        trainer.strategy.tensor_init_context(),
-        trainer.strategy.model_sharded_context(),
-        trainer.precision_plugin.module_init_context(),
-    ):
-        pl_module.configure_model()
 
 
 def _find_pruning(trainer: L.Trainer) -> MosaicPruning:

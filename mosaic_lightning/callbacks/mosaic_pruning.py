@@ -232,6 +232,20 @@ def causal_lm(pl_module: L.LightningModule) -> nn.Module:
     )
 
 
+def build_model_now(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    """Build a model that loads in ``configure_model`` (as :class:`~mosaic_lightning.CausalLM`) already in a
+    ``setup`` hook, inside the strategy's init contexts as Lightning would. Lightning requires ``configure_model``
+    to be idempotent, so its own call afterwards is a no-op."""
+    if getattr(pl_module, "model", None) is not None:
+        return
+    with (
+        trainer.strategy.tensor_init_context(),
+        trainer.strategy.model_sharded_context(),
+        trainer.precision_plugin.module_init_context(),
+    ):
+        pl_module.configure_model()
+
+
 def _shard(batches: list[torch.Tensor], trainer: L.Trainer) -> list[torch.Tensor]:
     world, rank = trainer.world_size, trainer.global_rank
     if world == 1:

@@ -48,8 +48,10 @@ def test_plain_model_copies_exactly_and_independently():
 
 
 @pytest.mark.parametrize("merged", [False, True], ids=["adapter-unmerged", "merged-wrapper"])
-@pytest.mark.parametrize(("builder", "modules", "fan_in_fan_out"),
-                         [(make_llama, ["q_proj", "down_proj"], False), (make_gpt2, ["c_attn", "c_fc"], True)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("builder", "modules", "fan_in_fan_out"),
+    [(make_llama, ["q_proj", "down_proj"], False), (make_gpt2, ["c_attn", "c_fc"], True)],
+)
 def test_lora_is_merged_keeping_sparsity(builder, modules, fan_in_fan_out, merged):
     model, outcome = _pruned(builder)
     wrapped = _lora(model, modules, fan_in_fan_out)

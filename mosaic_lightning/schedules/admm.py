@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
@@ -41,7 +42,7 @@ from .base import Schedule
 if TYPE_CHECKING:
     from ..callbacks.mosaic_pruning import MosaicPruning
 
-_SHARDED_STRATEGIES = ("DeepSpeedStrategy", "FSDPStrategy", "ModelParallelStrategy")
+_SHARDED_STRATEGIES = (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)
 
 
 def sparse_projection(x: torch.Tensor, num_prune: int, pattern: Pattern) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +126,7 @@ class ADMM(Schedule):
 
     # -- checks ------------------------------------------------------------------------------------------
     def check_run(self, trainer: L.Trainer) -> None:
-        if type(trainer.strategy).__name__ in _SHARDED_STRATEGIES:
+        if isinstance(trainer.strategy, _SHARDED_STRATEGIES):
             raise ValueError(
                 f"ADMM needs whole weights and gradients on every rank; strategy={type(trainer.strategy).__name__} "
                 "shards them (use a single device or DDP)"

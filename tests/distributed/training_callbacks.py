@@ -1,0 +1,119 @@
+"""Run by tests/test_distributed.py and tests/test_deepspeed.py as its own process tree: the training-time callbacks
+on 2 CPU ranks (gloo) under DDP or DeepSpeed ZeRO-2/3.
+
+``python training_callbacks.py OUT STRATEGY MODE`` with STRATEGY ``ddp``, ``zero2`` or ``zero3`` and MODE
+
+* ``lora``: composite MosaicPruning + LoRARecovery (adapter saved) + CompactOnFitEnd (export), 3 steps. Written per
+  rank: masks, structure, the adapter and base weights right before the merge (gathered: test-only), and what the
+  live model is after fit. Rank 0's CompactOnFitEnd writes OUT/export, LoRARecovery OUT/adapter.
+* ``gradual``: MosaicPruning with a Gradual schedule re-pruned at steps 0, 1, 2 from each rank's recent batches.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported (as cpu_deepspeed does too)
+os.environ.setdefault("DS_BUILD_OPS", "0")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from conftest import TinyLM  # noqa: E402
+from ddp_prune import calibration  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from mosaic_lightning import CompactOnFitEnd, LoRARecovery, MosaicPruning  # noqa: E402
+from mosaic_lightning.masks import canonical_name  # noqa: E402
+from mosaic_lightning.schedules import Gradual  # noqa: E402
+from mosaic_lightning.zero import gathered_params, is_partitioned  # noqa: E402
+
+LORA_A = "model.layers.0.self_attn.q_proj.lora_A.default.weight"
+
+
+def _strategy(name: str):
+    if name == "ddp":
+        return "ddp"
+    from cpu_deepspeed import CpuDeepSpeedStrategy, zero_config
+
+    return CpuDeepSpeedStrategy(config=zero_config(int(name.removeprefix("zero"))))
+
+
+def _gathered_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter whole, by canonical name (test-only: gathers the whole tiny model; all ranks call)."""
+    params = dict(model.named_parameters())
+    with gathered_params(params.values()):
+        return {canonical_name(n): p.detach().clone() for n, p in params.items()}
+
+
+class BeforeMerge(L.Callback):
+    """Snapshots base and adapter weights at train end; listed before LoRARecovery, so before its merge."""
+
+    def __init__(self) -> None:
+        self.weights: dict[str, torch.Tensor] = {}
+        self.lora_partitioned = False
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.weights = _gathered_weights(pl_module.model)
+        lora_a = next(p for n, p in pl_module.model.named_parameters() if canonical_name(n) == LORA_A)
+        self.lora_partitioned = is_partitioned(lora_a) and lora_a.data.numel() == 0
+
+
+def run_lora(out: Path, strategy: str, trainer_kwargs: dict) -> dict:
+    pruning = MosaicPruning(sparsity=0.5, allocation="uniform", structured_fraction=0.5, uniform_structure=True,
+                            calibration_dataloader=calibration(), verbose=False)  # fmt: skip
+    spy = BeforeMerge()
+    lora = LoRARecovery(r=4, alpha=8, adapter_dir=str(out / "adapter"))
+    compact = CompactOnFitEnd(export_dir=str(out / "export"))
+    module = TinyLM(lr=5e-2)
+    trainer = L.Trainer(callbacks=[pruning, spy, lora, compact], **trainer_kwargs)
+    trainer.fit(module, _train_loader())
+    return {
+        "rank": trainer.global_rank,
+        "masks": {n: k.clone() for n, k in pruning.masks.masks.items()},
+        "structure": pruning.structure,
+        "before_merge": spy.weights,
+        "lora_partitioned": spy.lora_partitioned,
+        "live_type": type(module.model).__name__,
+        "compacted_here": compact.model is not None,
+    }
+
+
+def run_gradual(out: Path, strategy: str, trainer_kwargs: dict) -> dict:
+    schedule = Gradual(initial_sparsity=0.2, start_step=0, end_step=2, every_n_steps=1, calibration_batches=2)
+    pruning = MosaicPruning(sparsity=0.5, allocation="mosaic", schedule=schedule, verbose=False)
+    module = TinyLM()
+    trainer = L.Trainer(callbacks=[pruning], **trainer_kwargs)
+    trainer.fit(module, _train_loader())
+    result = {"rank": trainer.global_rank, "masks": {n: k.clone() for n, k in pruning.masks.masks.items()},
+              "visible": _gathered_weights(module.model), "last_pruned_step": schedule.last_pruned_step}  # fmt: skip
+    if strategy != "ddp":
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        params = {canonical_name(n): p for n, p in module.model.named_parameters()}
+        result["master"] = {n: safe_get_full_fp32_param(params[n]).detach().clone() for n in pruning.masks.masks}
+    return result
+
+
+def _train_loader() -> DataLoader:
+    data = torch.randint(0, 128, (16, 16), generator=torch.Generator().manual_seed(5))
+    return DataLoader(data, batch_size=2)
+
+
+def main(out: Path, strategy: str, mode: str) -> None:
+    torch.manual_seed(0)
+    trainer_kwargs = dict(accelerator="cpu", devices=2, strategy=_strategy(strategy), logger=False,
+                          max_steps=3 if mode == "lora" else 4, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False)  # fmt: skip
+    result = {"lora": run_lora, "gradual": run_gradual}[mode](out, strategy, trainer_kwargs)
+    torch.save(result, out / f"rank{result['rank']}.pt")
+    # Leave together: a rank that exits while the other still runs a collective aborts in gloo's threads.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3])

@@ -16,7 +16,6 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from .callbacks import CompactOnFitEnd, MosaicPruning, causal_lm
 from .callbacks.compact_on_fit_end import final_model
-from .callbacks.mosaic_pruning import build_model_now
 from .evaluation import perplexity
 from .export import check_export_dir, save_pruned
 from .lit import CausalLM, TextDataModule
@@ -53,8 +52,8 @@ class MosaicCLI(LightningCLI):
         self._clock = time.perf_counter()
         self.datamodule.setup("fit")
         self._metrics: dict[str, float] = {}
-        if config.evaluate:  # in the fit's setup: the process group exists there, so ranks share the batches
-            self.trainer.callbacks.append(_DensePerplexity(self))
+        if config.evaluate:  # first at fit start: the strategy is set up (ranks share the batches), nothing pruned
+            self.trainer.callbacks.insert(0, _DensePerplexity(self))
 
     def after_fit(self) -> None:
         config = self.config[self.subcommand]
@@ -92,13 +91,13 @@ class MosaicCLI(LightningCLI):
 
 
 class _DensePerplexity(Callback):
-    """Dense perplexity in the fit's ``setup``: after the process group starts, before anything is pruned."""
+    """Dense perplexity at fit start, before ``MosaicPruning`` prunes: the strategy has set the model up by then
+    (ZeRO-3: partitioned, forwards gather), and every rank scores its share of the batches."""
 
     def __init__(self, cli: MosaicCLI) -> None:
         self.cli = cli
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        build_model_now(trainer, pl_module)
+    def on_fit_start(self, trainer, pl_module) -> None:
         self.cli._metrics["ppl_dense"] = self.cli._perplexity("dense perplexity")
 
 

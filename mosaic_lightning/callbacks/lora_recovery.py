@@ -170,6 +170,8 @@ class LoRARecovery(L.Callback):
         sharded = deepspeed_engine(trainer) is not None  # the engine owns the module tree: merge, keep the wrapper
         model = merge_keeping_sparsity(peft_model, pruning.masks, unload=not sharded)
         self.merged = True
+        if pruning.report is not None:
+            pruning.report.metrics.update(lora_rank=self.r, lora_recovery_steps=trainer.global_step)
         if sharded:
             return
         for name, param in model.named_parameters():
@@ -177,8 +179,6 @@ class LoRARecovery(L.Callback):
         setattr(pl_module, _MODEL_ATTR, model)
         self._peft_model = None
         self.attached = False
-        if pruning.report is not None:
-            pruning.report.metrics.update(lora_rank=self.r, lora_recovery_steps=trainer.global_step)
 
     # -- checkpointing: the adapter's weights are module weights; only the settings are checked here -------
     def state_dict(self) -> dict:

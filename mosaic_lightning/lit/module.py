@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import lightning as L
 import torch
 from torchmetrics.text import Perplexity
 
 from ..assets import BUNDLED_MODEL, load_causal_lm
 from ..evaluation import update_perplexity
+
+
+@contextmanager
+def _transformers_knows_zero3(trainer: L.Trainer | None):
+    """Under DeepSpeed ZeRO-3 ``configure_model`` runs inside ``deepspeed.zero.Init``; ``from_pretrained`` must know
+    it (``HfDeepSpeedConfig``), so it builds the model partitioned and loads each weight into its partitions
+    instead of initialising weights that are already gone. Every rank then holds only its share, even while loading.
+    """
+    config = getattr(getattr(trainer, "strategy", None), "config", None)
+    if not (isinstance(config, dict) and config.get("zero_optimization", {}).get("stage") == 3):
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep_alive = HfDeepSpeedConfig(config)  # transformers holds it by weak reference only
+    try:
+        yield
+    finally:
+        del keep_alive
+
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,7 +59,8 @@ class CausalLM(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.model is None:
-            self.model = load_causal_lm(self.hparams.pretrained, _DTYPES[self.hparams.dtype])
+            with _transformers_knows_zero3(self._trainer):
+                self.model = load_causal_lm(self.hparams.pretrained, _DTYPES[self.hparams.dtype])
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits

@@ -74,6 +74,40 @@ def deepspeed_engine(trainer) -> object | None:
     return model if isinstance(model, deepspeed.DeepSpeedEngine) else None
 
 
+def is_deepspeed_managed(param: torch.Tensor) -> bool:
+    """A parameter a ZeRO optimizer steps through an fp32 master: a ZeRO-3 partition, or under ZeRO-1/2 a
+    parameter with an ``_hp_mapping`` attribute (None on ranks that own no fragment of it, which still take part
+    in assembling it)."""
+    return hasattr(param, "_z3_optimizer") or hasattr(param, "_hp_mapping")
+
+
+def full_fp32(param: torch.Tensor) -> torch.Tensor:
+    """The whole fp32 value the optimizer steps: DeepSpeed's fp32 master, assembled from every rank's share (a
+    collective: all ranks call, in the same order), else the parameter itself as fp32."""
+    if is_deepspeed_managed(param):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(param).view(full_shape(param))
+    if is_partitioned(param):
+        raise RuntimeError("a ZeRO-3 parameter without an optimizer (frozen?) has no fp32 master to read")
+    return param.detach().float()
+
+
+def add_to_grad_(param: torch.Tensor, value: torch.Tensor) -> None:
+    """``grad += value`` (``value`` whole, shaped like the parameter). Under DeepSpeed the reduced fp32 gradient
+    lives in the optimizer's partitions: it is assembled (a collective) and each rank writes back its share; call
+    after backward at an accumulation boundary, before the step."""
+    if is_deepspeed_managed(param):
+        from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
+
+        grad = safe_get_full_grad(param).view(full_shape(param))
+        safe_set_full_grad(param, grad.float() + value.to(grad.device))
+        return
+    if param.grad is None:
+        param.grad = torch.zeros_like(param)
+    param.grad.add_(value.to(param.grad.dtype))
+
+
 @torch.no_grad()
 def sync_master_(masks: MaskStore, model: nn.Module) -> None:
     """After pruning under DeepSpeed: copy the pruned visible weights (SparseGPT also changes kept ones) into

@@ -16,7 +16,10 @@ holds the masks from then on, as after a one-shot prune.
 
 Memory: ``Z`` and ``U`` are fp32 copies of every targeted weight on its device, i.e. 8 extra bytes per targeted
 weight: twice the targeted weights in fp32, four times in bf16 (Elsa-L quantises this state; not done here).
-Runs on one device or DDP (every rank holds the same ``Z``/``U``); sharded strategies (DeepSpeed, FSDP) are refused.
+Runs on one device, DDP and DeepSpeed ZeRO-1/2/3; every rank holds the same whole ``Z``/``U``. Under DeepSpeed
+the weights are its fp32 masters and the penalty joins the reduced fp32 gradient in the optimizer's partitions,
+once per accumulation boundary; reading either assembles one parameter at a time from all ranks (so each step
+moves every targeted weight and gradient over the network once more). FSDP is refused.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
@@ -37,12 +40,13 @@ from ..config import PruningConfig
 from ..engine import PruningOutcome, commit_masks
 from ..patterns import Pattern
 from ..report import ProjectionReport, PruningReport
+from ..zero import add_to_grad_, deepspeed_engine, full_fp32, gathered
 from .base import Schedule
 
 if TYPE_CHECKING:
     from ..callbacks.mosaic_pruning import MosaicPruning
 
-_SHARDED_STRATEGIES = (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)
+_UNSUPPORTED_STRATEGIES = (FSDPStrategy, ModelParallelStrategy)
 
 
 def sparse_projection(x: torch.Tensor, num_prune: int, pattern: Pattern) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +73,7 @@ def prune_counts(adapter: ModelAdapter, config: PruningConfig) -> tuple[dict[str
     if allocation.needs_profile:
         with torch.no_grad():
             for group in dict.fromkeys(groups.values()):
-                scores = {p.key: p.weight_view().abs().float() for p in projs if groups[p.key] == group}
+                scores = {p.key: weight_of(p).abs() for p in projs if groups[p.key] == group}
                 ratios.update(outlier_ratios(scores, groups, config.outlier_threshold))
     group_sparsity = allocation.sparsities({g: ratios.get(g, 0.0) for g in groups.values()}, config.sparsity)
     bounds = (0.0, 1.0) if allocation.name == "uniform" else (config.min_sparsity, config.max_sparsity)
@@ -126,10 +130,10 @@ class ADMM(Schedule):
 
     # -- checks ------------------------------------------------------------------------------------------
     def check_run(self, trainer: L.Trainer) -> None:
-        if isinstance(trainer.strategy, _SHARDED_STRATEGIES):
+        if isinstance(trainer.strategy, _UNSUPPORTED_STRATEGIES):
             raise ValueError(
-                f"ADMM needs whole weights and gradients on every rank; strategy={type(trainer.strategy).__name__} "
-                "shards them (use a single device or DDP)"
+                f"ADMM supports a single device, DDP and DeepSpeed; strategy={type(trainer.strategy).__name__} "
+                "is not supported"
             )
         callback = _owner(self, trainer)
         if callback is not None and not self.finished:
@@ -186,10 +190,14 @@ class ADMM(Schedule):
             self.seconds += time.perf_counter() - clock
 
     def on_after_backward(self, callback, trainer: L.Trainer, model: nn.Module) -> None:
-        if self.active:
-            clock = time.perf_counter()
-            self._add_penalty_grad(self._adapter_for(model, callback.config), _grad_scale(trainer))
-            self.seconds += time.perf_counter() - clock
+        if not self.active:
+            return
+        engine = deepspeed_engine(trainer)
+        if engine is not None and not engine.is_gradient_accumulation_boundary():
+            return  # DeepSpeed reduces gradients into its fp32 partitions at the boundary: the penalty joins there
+        clock = time.perf_counter()
+        self._add_penalty_grad(self._adapter_for(model, callback.config), _grad_scale(trainer, engine))
+        self.seconds += time.perf_counter() - clock
 
     def on_train_batch_end(self, callback, trainer: L.Trainer, model: nn.Module) -> None:
         if not self.active:
@@ -214,24 +222,29 @@ class ADMM(Schedule):
         adapter, pattern = self._adapter_for(model, config), config.build_pattern()
         self.counts, self.ratios = prune_counts(adapter, config)
         for proj in adapter.all_projections():
-            self.z[proj.key], _ = sparse_projection(proj.weight_view().float(), self.counts[proj.key], pattern)
+            self.z[proj.key], _ = sparse_projection(weight_of(proj), self.counts[proj.key], pattern)
             self.u[proj.key] = torch.zeros_like(self.z[proj.key])
         self.started_at = self.last_projection_step = step
 
     @torch.no_grad()
     def _add_penalty_grad(self, adapter: ModelAdapter, scale: float) -> None:
-        """``W.grad += rho (W - Z + U)``, in the parameter's own layout (Conv1D keeps ``[in, out]``)."""
-        for proj in adapter.all_projections():
-            z, u = self._state_of(proj)
-            residual = proj.weight_view().float() - z  # one temporary; the rest in place
-            _grad_view(proj).add_(residual.add_(u), alpha=self.rho * scale)
+        """``W.grad += rho (W - Z + U)``, in the parameter's own layout (Conv1D keeps ``[in, out]``; GPT-2's fused
+        ``c_attn`` gathers its three projections' penalties into one tensor)."""
+        for projs in _by_parameter(adapter.all_projections()):
+            param = projs[0].weight
+            weight = full_fp32(param)
+            penalty = torch.zeros_like(weight)
+            for proj in projs:
+                z, u = self._state_of(proj)
+                proj.view_of(penalty).copy_(proj.view_of(weight) - z).add_(u)
+            add_to_grad_(param, penalty.mul_(self.rho * scale))
 
     @torch.no_grad()
     def _z_u_step(self, adapter: ModelAdapter, pattern: Pattern) -> None:
         """``Z = Proj(W + U)``, ``U = U + W - Z``; new tensors, so a checkpoint being written keeps its copy."""
         for proj in adapter.all_projections():
             z, u = self._state_of(proj)
-            w = proj.weight_view().float()
+            w = weight_of(proj)
             z, _ = sparse_projection(w + u, self.counts[proj.key], pattern)
             self.z[proj.key], self.u[proj.key] = z, (w - z).add_(u)
         self.num_projections += 1
@@ -252,7 +265,7 @@ class ADMM(Schedule):
             rank_zero_warn(f"ADMM never started (run ended before start_step={self.start_step}); magnitude-pruning")
             self.counts, self.ratios = prune_counts(adapter, config)
         projs = adapter.all_projections()
-        keeps = {p.key: sparse_projection(p.weight_view().float(), self.counts[p.key], pattern)[1] for p in projs}
+        keeps = {p.key: sparse_projection(weight_of(p), self.counts[p.key], pattern)[1] for p in projs}
         metrics = self._diagnostics(adapter, keeps)
         masks = commit_masks(adapter, keeps)
         report = self._report(adapter, config, keeps, metrics, time.perf_counter() - clock)
@@ -266,7 +279,7 @@ class ADMM(Schedule):
         gap = norm = agree = kept = 0.0
         for proj in adapter.all_projections():
             z, _ = self._state_of(proj)
-            w = proj.weight_view().float()
+            w = weight_of(proj)
             gap += float((w - z).square().sum())
             norm += float(w.square().sum())
             agree += int((keeps[proj.key] & (z != 0)).sum())
@@ -346,20 +359,30 @@ def _owner(schedule: Schedule, trainer: L.Trainer) -> MosaicPruning | None:
     return next((cb for cb in trainer.callbacks if getattr(cb, "schedule", None) is schedule), None)
 
 
-def _grad_scale(trainer: L.Trainer) -> float:
+def _grad_scale(trainer: L.Trainer, engine=None) -> float:
     """Factor that puts the penalty on the gradients' scale: Lightning divides the loss by the accumulation
-    count and a 16-bit GradScaler multiplies it; the penalty must follow both to stay ``rho (W - Z + U)``."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    loss_scale = float(scaler.get_scale()) if scaler is not None else 1.0
+    count and a 16-bit loss scaler (torch's GradScaler, or DeepSpeed's inside its optimizer) multiplies it; the
+    penalty must follow both to stay ``rho (W - Z + U)``."""
+    if engine is not None:
+        loss_scale = float(getattr(engine.optimizer, "loss_scale", 1.0) or 1.0)
+    else:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        loss_scale = float(scaler.get_scale()) if scaler is not None else 1.0
     return loss_scale / trainer.accumulate_grad_batches
 
 
-def _grad_view(proj: Projection) -> torch.Tensor:
-    """The ``[out, in]`` view of the projection's gradient (created as zeros if backward gave it none)."""
-    param = proj.weight
-    if param.grad is None:
-        param.grad = torch.zeros_like(param)
-    return proj.view_of(param.grad)
+def weight_of(proj: Projection) -> torch.Tensor:
+    """The projection's whole ``[out, in]`` weight in fp32 as the optimizer steps it (DeepSpeed: the fp32
+    master, assembled from all ranks, so every rank calls this for the same projections in the same order)."""
+    return proj.view_of(full_fp32(proj.weight))
+
+
+def _by_parameter(projs: list[Projection]) -> list[list[Projection]]:
+    """Projections grouped by the parameter holding them (a fused module's parts are adjacent)."""
+    groups: dict[str, list[Projection]] = {}
+    for proj in projs:
+        groups.setdefault(proj.param_name, []).append(proj)
+    return list(groups.values())
 
 
 def _projection_report(
@@ -374,7 +397,13 @@ def _projection_report(
         requested_sparsity=count / proj.numel,
         achieved_sparsity=int((~keep).sum()) / proj.numel,
         structured_sparsity=0.0,
-        zero_fraction=int((proj.weight_view() == 0).sum()) / proj.numel,
+        zero_fraction=_zero_fraction(proj),
         outlier_ratio=ratios.get(proj.key),
         seconds=0.0,
     )
+
+
+def _zero_fraction(proj: Projection) -> float:
+    """Zeros in the visible weight (under DeepSpeed the masters receive the pruned model only after the report)."""
+    with gathered(proj.module):
+        return int((proj.weight_view() == 0).sum()) / proj.numel

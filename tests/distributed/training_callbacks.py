@@ -7,6 +7,7 @@ on 2 CPU ranks (gloo) under DDP or DeepSpeed ZeRO-2/3.
   rank: masks, structure, the adapter and base weights right before the merge (gathered: test-only), and what the
   live model is after fit. Rank 0's CompactOnFitEnd writes OUT/export, LoRARecovery OUT/adapter.
 * ``gradual``: MosaicPruning with a Gradual schedule re-pruned at steps 0, 1, 2 from each rank's recent batches.
+* ``admm``: MosaicPruning with the ADMM schedule (z/u steps every step, hard prune at step 3), 5 steps.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from mosaic_lightning import CompactOnFitEnd, LoRARecovery, MosaicPruning  # noqa: E402
 from mosaic_lightning.masks import canonical_name  # noqa: E402
-from mosaic_lightning.schedules import Gradual  # noqa: E402
+from mosaic_lightning.schedules import ADMM, Gradual  # noqa: E402
 from mosaic_lightning.zero import gathered_params, is_partitioned  # noqa: E402
 
 LORA_A = "model.layers.0.self_attn.q_proj.lora_A.default.weight"
@@ -84,12 +85,25 @@ def run_lora(out: Path, strategy: str, trainer_kwargs: dict) -> dict:
 
 def run_gradual(out: Path, strategy: str, trainer_kwargs: dict) -> dict:
     schedule = Gradual(initial_sparsity=0.2, start_step=0, end_step=2, every_n_steps=1, calibration_batches=2)
-    pruning = MosaicPruning(sparsity=0.5, allocation="mosaic", schedule=schedule, verbose=False)
+    result = _run_schedule(strategy, trainer_kwargs, schedule, "mosaic")
+    result["last_pruned_step"] = schedule.last_pruned_step
+    return result
+
+
+def run_admm(out: Path, strategy: str, trainer_kwargs: dict) -> dict:
+    schedule = ADMM(rho=1.0, projection_every=1, start_step=0, end_step=3)
+    result = _run_schedule(strategy, trainer_kwargs, schedule, "owl", method="magnitude")
+    result["z_steps"] = result["report"]["admm_z_steps"]
+    return result
+
+
+def _run_schedule(strategy: str, trainer_kwargs: dict, schedule, allocation: str, **kwargs) -> dict:
+    pruning = MosaicPruning(sparsity=0.5, allocation=allocation, schedule=schedule, verbose=False, **kwargs)
     module = TinyLM()
     trainer = L.Trainer(callbacks=[pruning], **trainer_kwargs)
     trainer.fit(module, _train_loader())
     result = {"rank": trainer.global_rank, "masks": {n: k.clone() for n, k in pruning.masks.masks.items()},
-              "visible": _gathered_weights(module.model), "last_pruned_step": schedule.last_pruned_step}  # fmt: skip
+              "visible": _gathered_weights(module.model), "report": dict(pruning.report.metrics)}  # fmt: skip
     if strategy != "ddp":
         from deepspeed.utils import safe_get_full_fp32_param
 
@@ -106,9 +120,9 @@ def _train_loader() -> DataLoader:
 def main(out: Path, strategy: str, mode: str) -> None:
     torch.manual_seed(0)
     trainer_kwargs = dict(accelerator="cpu", devices=2, strategy=_strategy(strategy), logger=False,
-                          max_steps=3 if mode == "lora" else 4, enable_checkpointing=False, enable_progress_bar=False,
-                          enable_model_summary=False)  # fmt: skip
-    result = {"lora": run_lora, "gradual": run_gradual}[mode](out, strategy, trainer_kwargs)
+                          max_steps={"lora": 3, "gradual": 4, "admm": 5}[mode], enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    result = {"lora": run_lora, "gradual": run_gradual, "admm": run_admm}[mode](out, strategy, trainer_kwargs)
     torch.save(result, out / f"rank{result['rank']}.pt")
     # Leave together: a rank that exits while the other still runs a collective aborts in gloo's threads.
     torch.distributed.barrier()

@@ -25,6 +25,7 @@ from .masks import MaskStore
 from .methods import PruneResult
 from .methods.wanda import wanda_scores
 from .report import ProjectionReport, PruningReport
+from .stats import sum_over_ranks
 from .structure import (
     UnitGroup,
     choose_removed,
@@ -103,7 +104,7 @@ def prune_model(
         masks = _commit(adapter, pending)
     finally:
         model.train(was_training)
-    report.calibration = {"batches": len(batches), "tokens": tokens}
+    report.calibration = {"batches": sum_over_ranks(len(batches)), "tokens": sum_over_ranks(tokens)}  # all ranks
     report.structure = pending.removed
     report.projections = [_projection_report(adapter, p, plan, masks, ratios, seconds) for p in projections]
     report.record_peak_memory("prune")

@@ -68,6 +68,15 @@ class InputStatistics:
         dist.all_reduce(self.sq_sum)
         if self.xxt is not None:
             dist.all_reduce(self.xxt)
-        tokens = torch.tensor([self.tokens], dtype=torch.float64, device=self.sq_sum.device)
-        dist.all_reduce(tokens)
-        self.tokens = int(tokens.item())
+        self.tokens = sum_over_ranks(self.tokens)
+
+
+def sum_over_ranks(value: int) -> int:
+    """An integer summed over all ranks (itself outside torch.distributed); a collective: every rank calls."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    nccl = dist.get_backend() == "nccl"  # NCCL reduces GPU tensors only, gloo CPU ones
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return int(total.item())

@@ -58,6 +58,7 @@ def test_ddp_and_deepspeed_lora_recovery_compaction_and_export(tmp_path, strateg
     masks = _same_on_ranks(ranks, "masks")
     weights = _same_on_ranks(ranks, "before_merge")  # the adapter trained in step on both ranks
     assert ranks[0]["structure"] == ranks[1]["structure"] and ranks[0]["structure"]["0.mlp"]
+    assert all(r["calibration"] == {"batches": 4, "tokens": 4 * 2 * 16} for r in ranks)  # totals over both ranks
     assert _pruned_nonzero(weights, masks) == 0  # frozen pruned base
     assert all(weights[n.replace(".weight", ".lora_B.default.weight")].abs().sum() > 0 for n in masks)  # B moved
     if strategy == "zero3":

@@ -76,6 +76,7 @@ def run_lora(out: Path, strategy: str, trainer_kwargs: dict) -> dict:
         "rank": trainer.global_rank,
         "masks": {n: k.clone() for n, k in pruning.masks.masks.items()},
         "structure": pruning.structure,
+        "calibration": pruning.report.calibration,
         "before_merge": spy.weights,
         "lora_partitioned": spy.lora_partitioned,
         "live_type": type(module.model).__name__,

@@ -86,6 +86,14 @@ def test_ddp_and_deepspeed_lora_recovery_compaction_and_export(tmp_path, strateg
     with torch.no_grad():
         torch.testing.assert_close(exported(input_ids=ids).logits, expected(input_ids=ids).logits, rtol=0, atol=1e-5)
     assert (tmp_path / "export" / "pruning_report.json").exists()
+    # Resumed from the step-2 checkpoint in a fresh Trainer: adapter, base and masks come back exactly.
+    for r in ranks:
+        resumed = r["resumed"]
+        assert resumed["global_step"] == 3 and resumed["masks"].keys() == masks.keys()
+        assert all(torch.equal(resumed["masks"][n], k) for n, k in masks.items())
+        assert resumed["at_start"].keys() == r["at_step_2"].keys()
+        for name, value in r["at_step_2"].items():
+            assert torch.equal(resumed["at_start"][name], value), f"{name} not restored"
     adapter = PeftModel.from_pretrained(make_llama(), tmp_path / "adapter")
     for name, param in adapter.named_parameters():
         if ".lora_" in name:

@@ -3,9 +3,10 @@ on 2 CPU ranks (gloo) under DDP or DeepSpeed ZeRO-2/3.
 
 ``python training_callbacks.py OUT STRATEGY MODE`` with STRATEGY ``ddp``, ``zero2`` or ``zero3`` and MODE
 
-* ``lora``: composite MosaicPruning + LoRARecovery (adapter saved) + CompactOnFitEnd (export), 3 steps. Written per
-  rank: masks, structure, the adapter and base weights right before the merge (gathered: test-only), and what the
-  live model is after fit. Rank 0's CompactOnFitEnd writes OUT/export, LoRARecovery OUT/adapter.
+* ``lora``: composite MosaicPruning + LoRARecovery (adapter saved) + CompactOnFitEnd (export), 3 steps, with a
+  checkpoint after step 2 that a fresh Trainer then resumes. Written per rank: masks, structure, the adapter and
+  base weights after step 2 and right before the merge (gathered: test-only), what the live model is after fit,
+  and the resumed run's starting weights. Rank 0's CompactOnFitEnd writes OUT/export, LoRARecovery OUT/adapter.
 * ``gradual``: MosaicPruning with a Gradual schedule re-pruned at steps 0, 1, 2 from each rank's recent batches.
 * ``admm``: MosaicPruning with the ADMM schedule (z/u steps every step, hard prune at step 3), 5 steps.
 """
@@ -25,6 +26,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from conftest import TinyLM  # noqa: E402
 from ddp_prune import calibration  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from mosaic_lightning import CompactOnFitEnd, LoRARecovery, MosaicPruning  # noqa: E402
@@ -51,11 +53,21 @@ def _gathered_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 class BeforeMerge(L.Callback):
-    """Snapshots base and adapter weights at train end; listed before LoRARecovery, so before its merge."""
+    """Snapshots base and adapter weights after step 2, at train start and at train end (listed before
+    LoRARecovery, so before its merge)."""
 
     def __init__(self) -> None:
         self.weights: dict[str, torch.Tensor] = {}
+        self.at_step_2: dict[str, torch.Tensor] = {}
+        self.at_start: dict[str, torch.Tensor] = {}
         self.lora_partitioned = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.at_start = _gathered_weights(pl_module.model)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == 2 and not self.at_step_2:
+            self.at_step_2 = _gathered_weights(pl_module.model)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.weights = _gathered_weights(pl_module.model)
@@ -70,9 +82,15 @@ def run_lora(out: Path, strategy: str, trainer_kwargs: dict) -> dict:
     lora = LoRARecovery(r=4, alpha=8, adapter_dir=str(out / "adapter"))
     compact = CompactOnFitEnd(export_dir=str(out / "export"))
     module = TinyLM(lr=5e-2)
-    trainer = L.Trainer(callbacks=[pruning, spy, lora, compact], **trainer_kwargs)
+    checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=2, save_top_k=-1)
+    trainer = L.Trainer(callbacks=[pruning, spy, lora, compact, checkpoints],
+                        **{**trainer_kwargs, "enable_checkpointing": True})  # fmt: skip
     trainer.fit(module, _train_loader())
+    fresh = {**trainer_kwargs, "strategy": _strategy(strategy)}  # a strategy instance serves one Trainer
+    resumed = _resume_lora(out / "checkpoints" / "epoch=0-step=2.ckpt", fresh)
     return {
+        "resumed": resumed,
+        "at_step_2": spy.at_step_2,
         "rank": trainer.global_rank,
         "masks": {n: k.clone() for n, k in pruning.masks.masks.items()},
         "structure": pruning.structure,
@@ -82,6 +100,19 @@ def run_lora(out: Path, strategy: str, trainer_kwargs: dict) -> dict:
         "live_type": type(module.model).__name__,
         "compacted_here": compact.model is not None,
     }
+
+
+def _resume_lora(checkpoint: Path, trainer_kwargs: dict) -> dict:
+    """A fresh module (other init) and callbacks resumed from the step-2 checkpoint: the adapter is attached in
+    setup, before the strategy restores it; what the first train step starts from must be the checkpoint."""
+    torch.manual_seed(1)
+    pruning = MosaicPruning(sparsity=0.5, allocation="uniform", structured_fraction=0.5, uniform_structure=True,
+                            calibration_dataloader=calibration(), verbose=False)  # fmt: skip
+    spy = BeforeMerge()
+    trainer = L.Trainer(callbacks=[pruning, spy, LoRARecovery(r=4, alpha=8)], **trainer_kwargs)
+    trainer.fit(TinyLM(lr=5e-2), _train_loader(), ckpt_path=checkpoint)
+    return {"at_start": spy.at_start, "masks": {n: k.clone() for n, k in pruning.masks.masks.items()},
+            "global_step": trainer.global_step}  # fmt: skip
 
 
 def run_gradual(out: Path, strategy: str, trainer_kwargs: dict) -> dict:

@@ -182,7 +182,7 @@ class LoRARecovery(L.Callback):
 
     # -- checkpointing: the adapter's weights are module weights; only the settings are checked here -------
     def state_dict(self) -> dict:
-        return {"r": self.r, "alpha": self.alpha, "targets": self.targets, "merged": self.merged}
+        return {"r": self.r, "alpha": self.alpha, "targets": self.targets}
 
     def load_state_dict(self, state_dict: dict) -> None:
         for name in ("r", "alpha", "targets"):

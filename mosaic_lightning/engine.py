@@ -46,7 +46,7 @@ class _Pending:
     """One block's pruning results, not yet written into the model."""
 
     keeps: dict[str, torch.Tensor] = field(default_factory=dict)  # projection key -> [out, in] keep mask
-    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # projection key -> [out, in] new weight
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # projection key -> [out, in] changed weight
     removed: dict[str, list[int]] = field(default_factory=dict)  # unit group key -> removed unit indices
 
 
@@ -204,7 +204,6 @@ def _sequential_prune(model, adapter, batches, method, pattern, plan: _Plan, pro
                 inputs.hidden = run_block(adapter.blocks[layer], inputs)
         else:
             inputs.hidden = dense_out
-        _drop_weights(projs, pending)
     return pending, seconds, inputs.tokens
 
 
@@ -229,8 +228,8 @@ def _prune_block(adapter, layer, stats, method, pattern, plan: _Plan, pending: _
             num = plan.unstructured[proj.key]
             result = _prune_projection(proj, proj_stats, method, pattern, num, structural.get(name))
             pending.keeps[proj.key] = result.keep
-            pruned = result.weight if result.weight is not None else proj.weight_view()
-            pending.weights[proj.key] = pruned.masked_fill(~result.keep, 0)
+            if result.weight is not None:  # the method also changed kept weights (SparseGPT)
+                pending.weights[proj.key] = result.weight.masked_fill(~result.keep, 0)
         seconds[proj.key] = time.perf_counter() - clock
 
 
@@ -259,18 +258,11 @@ def _param_values(projs: list[Projection], pending: _Pending) -> dict[nn.Paramet
             with gathered(proj.module):
                 values[proj.weight] = proj.weight.data.clone()
         full = values[proj.weight]
-        proj.to_param_layout(pending.weights[proj.key], full)
+        if proj.key in pending.weights:
+            proj.to_param_layout(pending.weights[proj.key], full)
+        else:  # mask-only method: the weights as they are, pruned entries zeroed
+            proj.view_of(full).masked_fill_(~pending.keeps[proj.key], 0)
     return values
-
-
-def _drop_weights(projs: list[Projection], pending: _Pending) -> None:
-    """Keep only what commit needs: masks always, new weights only when the method changed kept weights."""
-    for proj in projs:
-        new = pending.weights[proj.key]
-        with gathered(proj.module):
-            unchanged = torch.equal(new, proj.weight_view().masked_fill(~pending.keeps[proj.key], 0))
-        if unchanged:
-            del pending.weights[proj.key]
 
 
 @torch.no_grad()

@@ -53,18 +53,30 @@ class Unstructured(Pattern):
 
 
 def _row_keep_mask(scores: torch.Tensor, num_prune: int) -> torch.Tensor:
-    """Prune ``num_prune // rows`` per row; the remainder goes to the rows whose next candidate scores lowest."""
+    """Prune ``num_prune // rows`` per row; the remainder goes to the rows whose next candidate scores lowest.
+
+    Per row this prunes what a stable sort would put first: every score below the row's k-th smallest, then the
+    k-th smallest's ties in index order. ``kthvalue`` finds that threshold in linear time (a full sort of every
+    row cost 3x more on the real model)."""
     rows, cols = scores.shape
     per_row, extra = divmod(num_prune, rows)
-    order = torch.sort(scores, dim=1, stable=True).indices
-    counts = torch.full((rows,), per_row, dtype=torch.long, device=scores.device)
+    counts = torch.full((rows, 1), per_row, dtype=torch.long, device=scores.device)
+    threshold = _kth_smallest(scores, per_row)
     if extra:
-        next_candidate = scores.gather(1, order[:, per_row : per_row + 1]).squeeze(1)
-        counts[torch.topk(next_candidate, extra, largest=False).indices] += 1
-    prune_sorted = torch.arange(cols, device=scores.device)[None, :] < counts[:, None]
-    keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-    keep.scatter_(1, order, ~prune_sorted)
-    return keep
+        next_candidate = _kth_smallest(scores, per_row + 1)
+        lowest = torch.topk(next_candidate.squeeze(1), extra, largest=False).indices
+        counts[lowest] += 1
+        threshold[lowest] = next_candidate[lowest]
+    below = scores < threshold
+    ties = scores == threshold
+    ties_to_prune = (counts - below.sum(1, keepdim=True)).clamp_(min=0)
+    prune = below | (ties & (ties.cumsum(1) <= ties_to_prune))
+    return ~prune
+
+
+def _kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Each row's k-th smallest score as ``[rows, 1]``; for k = 0 the smallest, which nothing lies below."""
+    return torch.kthvalue(scores, max(k, 1), dim=1, keepdim=True).values
 
 
 class NM(Pattern):

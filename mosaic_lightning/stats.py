@@ -28,13 +28,16 @@ class InputStatistics:
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1])
-        if not torch.isfinite(x).all():
+        x64 = x.to(self.sq_sum.dtype)
+        column_sq_sum = (x64 * x64).sum(dim=0)
+        # A NaN or inf anywhere in x makes its column's fp64 sum of squares NaN or inf (finite fp32/bf16 values
+        # cannot overflow it), so checking the in_features sums finds them without another pass over x.
+        if not torch.isfinite(column_sq_sum).all():
             raise NonFiniteActivationError(
                 f"calibration activations entering {self.name} contain NaN or inf; no weight was changed. "
                 "Check the calibration data and the model dtype (fp16 overflow is a common cause)."
             )
-        x64 = x.to(self.sq_sum.dtype)
-        self.sq_sum += (x64 * x64).sum(dim=0)
+        self.sq_sum += column_sq_sum
         if self.xxt is not None:
             x32 = x.float()
             self.xxt += x32.t() @ x32

@@ -97,10 +97,11 @@ def collect_statistics(
     """
     stats = {}
     handles = []
+    last: dict = {}  # the latest input and its contribution, shared by modules fed the same tensor
     for name, module in modules:
         entry = InputStatistics(name, _in_features(module), hessian, device=module.weight.device)
         stats[id(module)] = entry
-        handles.append(module.register_forward_pre_hook(_recorder(entry)))
+        handles.append(module.register_forward_pre_hook(_recorder(entry, last)))
     # Under DeepSpeed ZeRO-3 an exception inside the block would leave the last module's gathered parameters
     # marked in use by DeepSpeed's hooks, so the block runs to its end there.
     if not keep_outputs and not any(is_partitioned(p) for p in block.parameters()):
@@ -113,6 +114,7 @@ def collect_statistics(
     finally:
         for handle in handles:
             handle.remove()
+        last.clear()
     return stats, (outputs if keep_outputs else None)
 
 
@@ -122,9 +124,16 @@ def _in_features(module: nn.Module) -> int:
     return shape[0] if type(module).__name__ == "Conv1D" else shape[1]
 
 
-def _recorder(entry: InputStatistics) -> Callable:
+def _recorder(entry: InputStatistics, last: dict) -> Callable:
+    """A pre-hook adding the module's input to ``entry``. q/k/v (and gate/up) receive the very same tensor, so its
+    contribution is computed once and reused while that tensor object is the latest input (held in ``last``,
+    so its memory cannot be reused by another tensor in the meantime)."""
+
     def hook(_module, args):
-        entry.update(args[0])
+        x = args[0]
+        if last.get("input") is not x:
+            last["input"], last["part"] = x, entry.contribution(x)
+        entry.add(last["part"])
 
     return hook
 

@@ -5,12 +5,23 @@ Kept as plain sums so that statistics from several batches, or several ranks, co
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
 
 class NonFiniteActivationError(ValueError):
     """Calibration activations contain NaN or inf: pruning from them would be meaningless."""
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One batch's share of the sums."""
+
+    sq_sum: torch.Tensor
+    xxt: torch.Tensor | None
+    tokens: int
 
 
 class InputStatistics:
@@ -27,6 +38,10 @@ class InputStatistics:
         )
 
     def update(self, x: torch.Tensor) -> None:
+        self.add(self.contribution(x))
+
+    def contribution(self, x: torch.Tensor) -> Contribution:
+        """What ``x`` adds to the sums; modules fed the same tensor (q/k/v, gate/up) share one computation."""
         x = x.detach().reshape(-1, x.shape[-1])
         x64 = x.to(self.sq_sum.dtype)
         column_sq_sum = (x64 * x64).sum(dim=0)
@@ -37,11 +52,17 @@ class InputStatistics:
                 f"calibration activations entering {self.name} contain NaN or inf; no weight was changed. "
                 "Check the calibration data and the model dtype (fp16 overflow is a common cause)."
             )
-        self.sq_sum += column_sq_sum
+        xxt = None
         if self.xxt is not None:
             x32 = x.float()
-            self.xxt += x32.t() @ x32
-        self.tokens += x.shape[0]
+            xxt = x32.t() @ x32
+        return Contribution(column_sq_sum, xxt, x.shape[0])
+
+    def add(self, part: Contribution) -> None:
+        self.sq_sum += part.sq_sum
+        if self.xxt is not None:
+            self.xxt += part.xxt
+        self.tokens += part.tokens
 
     @property
     def column_norms(self) -> torch.Tensor:

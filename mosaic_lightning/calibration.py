@@ -149,6 +149,16 @@ def swapped_weights(new_weights: dict[nn.Parameter, torch.Tensor]):
     Under DeepSpeed ZeRO-3 the values are written inside a gather of just these parameters (every rank writes
     the same; rank 0's are re-partitioned), and the block then runs through DeepSpeed's own hooks.
     """
+    if not any(is_partitioned(p) for p in new_weights):  # whole tensors: swap storage, copy nothing
+        saved = {p: p.data for p in new_weights}
+        try:
+            for p, value in new_weights.items():
+                p.data = value
+            yield
+        finally:
+            for p, value in saved.items():
+                p.data = value
+        return
     saved: dict[nn.Parameter, torch.Tensor] = {}
     try:
         with gathered_params(new_weights, modify=True), torch.no_grad():

@@ -43,8 +43,8 @@ class InputStatistics:
     def contribution(self, x: torch.Tensor) -> Contribution:
         """What ``x`` adds to the sums; modules fed the same tensor (q/k/v, gate/up) share one computation."""
         x = x.detach().reshape(-1, x.shape[-1])
-        x64 = x.to(self.sq_sum.dtype)
-        column_sq_sum = (x64 * x64).sum(dim=0)
+        x64 = x.to(self.sq_sum.dtype, copy=True)  # always a new tensor (also for fp64 models): square it in place
+        column_sq_sum = x64.mul_(x64).sum(dim=0)  # no second activation-sized fp64 buffer
         # A NaN or inf anywhere in x makes its column's fp64 sum of squares NaN or inf (finite fp32/bf16 values
         # cannot overflow it), so checking the in_features sums finds them without another pass over x.
         if not torch.isfinite(column_sq_sum).all():

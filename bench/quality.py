@@ -29,9 +29,17 @@ ROWS = [
 SETTINGS = [(0.5, "unstructured"), (0.7, "unstructured"), (0.5, "2:4")]
 # Composite suite: equal parameter reduction, structured share of the pruned weights 0 / 0.62 / 1.
 COMPOSITE = [(s, f) for s in (0.3, 0.5) for f in (0.0, 0.62, 1.0)]
+# Sequential suite: calibrating block l on blocks < l as pruned (default) vs on dense activations (one pass).
+SEQUENTIAL = [(s, m, q) for s in (0.5, 0.7) for m in ("wanda", "sparsegpt") for q in (True, False)]
+# Allocation suite: layerwise OWL vs per-projection POD vs POD normalised per projection type.
+ALLOCATION = [(s, a) for s in (0.5, 0.7) for a in ("owl", "mosaic", "mosaic-typed")]
 
 
 def configs(suite: str) -> list[PruningConfig]:
+    if suite == "allocation":
+        return [PruningConfig(s, "wanda", a) for s, a in ALLOCATION]
+    if suite == "sequential":
+        return [PruningConfig(s, m, "uniform", sequential=q) for s, m, q in SEQUENTIAL]
     if suite == "composite":
         return [
             PruningConfig(s, "wanda", "mosaic", structured_fraction=f, uniform_structure=True) for s, f in COMPOSITE
@@ -55,7 +63,7 @@ def main() -> None:
     parser.add_argument("--calibration-samples", type=int, default=32)
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--suite", choices=["core", "composite"], default="core")
+    parser.add_argument("--suite", choices=["core", "composite", "sequential", "allocation"], default="core")
     parser.add_argument("--out", default="bench/out/quality.json")
     args = parser.parse_args()
 
@@ -80,6 +88,7 @@ def main() -> None:
             "sparsity": config.sparsity,
             "pattern": config.pattern,
             "structured_fraction": config.structured_fraction,
+            "sequential": config.sequential,
             "achieved_sparsity": outcome.report.achieved_sparsity,
             "structured_share": outcome.report.structured_params_removed / outcome.report.params_targeted,
             "prune_s": time.perf_counter() - clock,
@@ -91,15 +100,17 @@ def main() -> None:
     print(f"\ncalibration {args.calibration_samples} x {args.seq_len} tokens, eval {args.eval_windows} x "
           f"{args.seq_len} tokens (held-out articles)")  # fmt: skip
     print(
-        f"{'method':<10} {'allocation':<9} {'setting':<8} {'achieved':>9} {'structural':>10} {'ppl':>10} {'prune s':>8}"
+        f"{'method':<10} {'allocation':<9} {'setting':<8} {'sequential':>10} {'achieved':>9} {'structural':>10} "
+        f"{'ppl':>10} {'prune s':>8}"
     )
     for r in results:
         setting = "dense" if r["method"] == "dense" else (f"{r['sparsity']:.0%}" if r["pattern"] == "unstructured"
                                                           else r["pattern"])  # fmt: skip
         achieved = f"{r.get('achieved_sparsity', 0):.4f}"
         structural = f"{r.get('structured_share', 0):.4f}"
-        print(f"{r['method']:<10} {r['allocation']:<9} {setting:<8} {achieved:>9} {structural:>10} {r['ppl']:>10.3f} "
-              f"{r.get('prune_s', 0):>8.1f}")  # fmt: skip
+        sequential = str(r.get("sequential", "-"))
+        print(f"{r['method']:<10} {r['allocation']:<9} {setting:<8} {sequential:>10} {achieved:>9} {structural:>10} "
+              f"{r['ppl']:>10.3f} {r.get('prune_s', 0):>8.1f}")  # fmt: skip
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "results": results}, indent=2))

@@ -148,3 +148,18 @@ def test_build_allocation_validates():
         build_allocation("owl", threshold=0.0)
     with pytest.raises(ValueError, match="0.5"):
         build_allocation("mosaic", lam=0.5)
+
+
+def test_type_normalised_pod_compares_each_projection_with_its_type():
+    """q has 10x the outliers of up in both layers: plain POD shifts budget from q to up, the type-normalised
+    variant gives both types the target on average and favours layer 0 (2x its type's usual ratio) in each."""
+    from mosaic_lightning.allocation import MosaicPOD, TypeNormalisedPOD
+
+    ratios = {"0.q": 0.20, "1.q": 0.10, "0.up": 0.02, "1.up": 0.01}
+    lam, target = 0.08, 0.5
+    typed = TypeNormalisedPOD(lam=lam).sparsities(ratios, target)
+    # relative ratios 4/3, 2/3, 4/3, 2/3 -> normalised to 2*lam, 0, 2*lam, 0 -> mean lam
+    expected = {"0.q": target - lam, "1.q": target + lam, "0.up": target - lam, "1.up": target + lam}
+    assert typed == pytest.approx(expected)
+    plain = MosaicPOD(lam=lam).sparsities(ratios, target)
+    assert plain["0.q"] < plain["1.q"] < target < plain["0.up"] < plain["1.up"]

@@ -5,9 +5,10 @@ from __future__ import annotations
 from .base import Allocation, OutlierWeighted, exact_counts, outlier_ratios
 from .owl import OWL
 from .pod import MosaicPOD
+from .pod_typed import TypeNormalisedPOD
 from .uniform import Uniform
 
-ALLOCATIONS: dict[str, type[Allocation]] = {a.name: a for a in (Uniform, OWL, MosaicPOD)}
+ALLOCATIONS: dict[str, type[Allocation]] = {a.name: a for a in (Uniform, OWL, MosaicPOD, TypeNormalisedPOD)}
 
 
 def build_allocation(name: str, threshold: float = 5.0, lam: float = 0.08) -> Allocation:
@@ -22,6 +23,7 @@ __all__ = [
     "OWL",
     "Allocation",
     "MosaicPOD",
+    "TypeNormalisedPOD",
     "Uniform",
     "build_allocation",
     "exact_counts",

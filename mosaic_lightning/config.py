@@ -17,8 +17,8 @@ class PruningConfig:
     Args:
         sparsity: fraction of the targeted projections' weights to prune, parameter-weighted, in [0, 1).
         method: which weights go: ``magnitude``, ``wanda`` or ``sparsegpt``.
-        allocation: how much each projection is pruned: ``uniform``, ``owl`` (per layer) or ``mosaic`` (POD,
-            per projection).
+        allocation: how much each projection is pruned: ``uniform``, ``owl`` (per layer), ``mosaic`` (POD,
+            per projection) or ``mosaic-typed`` (POD relative to each projection type's mean).
         pattern: ``unstructured`` (compared per output row), ``unstructured-layer`` or ``N:M`` (e.g. ``2:4``).
         targets: projections to prune, by short name (q,k,v,o,gate,up,down) or module-name regex; None = all.
         exclude: projections to leave dense, same syntax.

@@ -33,7 +33,8 @@ class MosaicPruning(L.Callback):
     Args:
         sparsity: fraction of targeted projection weights to prune, parameter-weighted, in [0, 1).
         method: ``wanda``, ``sparsegpt`` or ``magnitude``.
-        allocation: ``mosaic`` (per-projection POD), ``owl`` (per layer) or ``uniform``.
+        allocation: ``mosaic`` (per-projection POD), ``mosaic-typed`` (POD relative to each projection type's
+            mean), ``owl`` (per layer) or ``uniform``.
         pattern: ``unstructured``, ``unstructured-layer`` or ``N:M`` (``2:4``, ``4:8``).
         targets, exclude: projections by short name (q,k,v,o,gate,up,down) or module-name regex.
         min_sparsity, max_sparsity: bounds on any projection's sparsity (non-uniform allocations).

@@ -85,7 +85,8 @@ class MosaicCLI(LightningCLI):
 
     def _perplexity(self, desc: str) -> float:
         clock = time.perf_counter()
-        value = perplexity(causal_lm(self.model), self.datamodule.val_dataloader(), desc=desc)
+        distributed = self.trainer.world_size > 1  # every rank gets here: share the batches
+        value = perplexity(causal_lm(self.model), self.datamodule.val_dataloader(), desc=desc, distributed=distributed)
         self._metrics[f"{desc.split()[0]}_eval_s"] = time.perf_counter() - clock
         return value
 

@@ -1,6 +1,6 @@
 """Perplexity on held-out windows with torchmetrics: ``exp(mean NLL)`` over every predicted token.
 
-Under ``torch.distributed`` (DDP, DeepSpeed) every rank scores its share of the batches and torchmetrics sums the
+With ``distributed=True`` (DDP, DeepSpeed) every rank scores its share of the batches and torchmetrics sums the
 totals over ranks at ``compute``, so the result is the single-process one and no rank repeats another's work.
 """
 
@@ -23,19 +23,23 @@ def update_perplexity(metric: Perplexity, logits: torch.Tensor, input_ids: torch
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, batches: Iterable, progress: bool = True, desc: str = "perplexity") -> float:
+def perplexity(
+    model: nn.Module, batches: Iterable, progress: bool = True, desc: str = "perplexity", distributed: bool = False
+) -> float:
     """Perplexity of a causal LM over ``batches`` (tensors of ``input_ids`` or dicts holding them).
 
-    Rank ``r`` of ``w`` scores batches ``r, r + w, ...``. Every rank runs the same number of forwards (a rank
-    whose share is one shorter repeats a batch without scoring it), because a ZeRO-3 forward gathers each layer
-    from all ranks and would hang if one rank stopped early.
+    ``distributed``: every rank of ``torch.distributed`` calls this with the same batches; rank ``r`` of ``w``
+    scores batches ``r, r + w, ...`` and the totals are summed. Every rank runs the same number of forwards (a
+    rank whose share is one shorter repeats a batch without scoring it), because a ZeRO-3 forward gathers each
+    layer from all ranks and would hang if one rank stopped early. Without it (the default) the calling process
+    scores every batch alone, also inside a distributed job.
     """
     batches = [batch["input_ids"] if isinstance(batch, dict) else batch for batch in batches]
     if not batches:
         raise ValueError("perplexity: no evaluation batches")
-    rank, world = _rank_and_world()
+    rank, world = _rank_and_world() if distributed else (0, 1)
     device = _device(model)
-    metric = Perplexity().to(device)
+    metric = Perplexity(sync_on_compute=distributed).to(device)
     was_training = model.training
     model.eval()
     try:
@@ -47,15 +51,15 @@ def perplexity(model: nn.Module, batches: Iterable, progress: bool = True, desc:
                 update_perplexity(metric, logits, ids)
     finally:
         model.train(was_training)
-    return float(metric.compute())  # sums the totals over ranks when torch.distributed is initialised
+    return float(metric.compute())  # distributed: sums the totals over ranks
 
 
 def _rank_and_world() -> tuple[int, int]:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("perplexity(distributed=True) needs an initialised torch.distributed process group")
+    return dist.get_rank(), dist.get_world_size()
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 
 import pytest
@@ -38,18 +39,26 @@ def _distributed_perplexity(rank: int, port: int, batches, out) -> None:
     import torch.distributed as dist
     from conftest import make_llama
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))  # a stray collective fails instead of hanging
     try:
         model, calls = make_llama(), []
         model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(1), with_kwargs=True)
-        out[rank] = (perplexity(model, batches, progress=False), len(calls))
+        shared = perplexity(model, batches, progress=False, distributed=True)
+        forwards = len(calls)
+        if rank == 0:  # the default, on one rank only: it scores everything and must not wait for rank 1
+            alone = perplexity(model, batches, progress=False)
+            out["alone"] = (alone, len(calls) - forwards)
+        out[rank] = (shared, forwards)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 def test_ddp_perplexity_shares_batches_and_equals_one_process(llama):
-    """2 gloo ranks over 5 batches: rank 0 scores 3, rank 1 scores 2 and repeats one unscored forward (ranks must
-    run equally many forwards under ZeRO-3); the reduced result equals one process scoring all 5."""
+    """2 gloo ranks over 5 batches with distributed=True: rank 0 scores 3, rank 1 scores 2 and repeats one unscored
+    forward (ranks must run equally many forwards under ZeRO-3); the reduced result equals one process scoring all
+    5. The default scores everything on the calling rank without any collective."""
     import socket
 
     import torch.multiprocessing as mp
@@ -61,5 +70,8 @@ def test_ddp_perplexity_shares_batches_and_equals_one_process(llama):
     out = mp.Manager().dict()
     mp.spawn(_distributed_perplexity, args=(port, batches, out), nprocs=2)
     expected = perplexity(llama, batches, progress=False)
-    assert out[0][0] == pytest.approx(expected, rel=1e-6) and out[1][0] == pytest.approx(expected, rel=1e-6)
-    assert out[0][1] == out[1][1] == 3
+    for rank in (0, 1):
+        shared, forwards = out[rank]
+        assert shared == pytest.approx(expected, rel=1e-6) and forwards == 3
+    alone, alone_forwards = out["alone"]
+    assert alone == pytest.approx(expected, rel=1e-6) and alone_forwards == 5

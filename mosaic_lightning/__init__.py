@@ -4,6 +4,7 @@ from .adapters import ArchitectureSpec, ModelAdapter
 from .callbacks import CompactOnFitEnd, LoRARecovery, MosaicPruning
 from .compact import compact_model, load_pruned
 from .config import PruningConfig
+from .consolidate import consolidated_copy
 from .engine import PruningOutcome, prune_model
 from .evaluation import perplexity
 from .export import save_pruned
@@ -24,6 +25,7 @@ __all__ = [
     "PruningReport",
     "TextDataModule",
     "compact_model",
+    "consolidated_copy",
     "load_pruned",
     "perplexity",
     "prune_model",

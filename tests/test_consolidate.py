@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TARGET_PARAMS, make_gpt2, make_llama, random_batches
+from conftest import TARGET_PARAMS, make_gpt2, make_llama, make_opt, random_batches
 
 from mosaic_lightning import PruningConfig, compact_model, prune_model
 from mosaic_lightning.callbacks.lora_recovery import merge_keeping_sparsity
@@ -45,6 +45,15 @@ def test_plain_model_copies_exactly_and_independently():
     compact_model(copied, outcome.structure)
     assert copied.transformer.h[0].mlp.c_fc.nf < model.transformer.h[0].mlp.c_fc.nf
     assert model.config.to_dict() == config != copied.config.to_dict()  # the live config is untouched
+
+
+@pytest.mark.parametrize("builder", [make_llama, make_opt], ids=["llama", "opt"])
+def test_other_architectures_copy_exactly(builder):
+    model, outcome = _pruned(builder)
+    copied = consolidated_copy(model, outcome.masks, keep=True)
+    ids = random_batches(1)[0]
+    torch.testing.assert_close(copied(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    assert all(torch.equal(copied.state_dict()[n], v) for n, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("merged", [False, True], ids=["adapter-unmerged", "merged-wrapper"])

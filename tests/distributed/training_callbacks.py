@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py and tests/test_deepspeed.py as its own process tree: the training-time callbacks
+"""Run by tests/test_distributed_training.py as its own process tree: the training-time callbacks
 on 2 CPU ranks (gloo) under DDP or DeepSpeed ZeRO-2/3.
 
 ``python training_callbacks.py OUT STRATEGY MODE`` with STRATEGY ``ddp``, ``zero2`` or ``zero3`` and MODE

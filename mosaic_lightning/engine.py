@@ -106,7 +106,13 @@ def prune_model(
         model.train(was_training)
     report.calibration = {"batches": sum_over_ranks(len(batches)), "tokens": sum_over_ranks(tokens)}  # all ranks
     report.structure = pending.removed
-    report.projections = [_projection_report(adapter, p, plan, masks, ratios, seconds) for p in projections]
+    report.projections = [
+        projection_report(
+            adapter, p, p.view_of(masks.masks[p.param_name]), plan.counts[p.key],
+            plan.counts[p.key] - plan.unstructured[p.key], ratios.get(p.key), seconds.get(p.key, 0.0),
+        )  # fmt: skip
+        for p in projections
+    ]
     report.record_peak_memory("prune")
     return PruningOutcome(masks=masks, report=report, structure=pending.removed)
 
@@ -296,8 +302,17 @@ def commit_masks(adapter: ModelAdapter, keeps: dict[str, torch.Tensor]) -> MaskS
     return masks
 
 
-def _projection_report(adapter, proj: Projection, plan: _Plan, masks: MaskStore, ratios, seconds):
-    keep = proj.view_of(masks.masks[proj.param_name])
+def projection_report(
+    adapter: ModelAdapter,
+    proj: Projection,
+    keep: torch.Tensor,
+    requested: int,
+    structural: int = 0,
+    outlier_ratio: float | None = None,
+    seconds: float = 0.0,
+) -> ProjectionReport:
+    """One projection's report row from its ``[out, in]`` keep mask and requested prune count (``structural`` of
+    them as whole units). Zeros are counted in the visible weight, gathered under ZeRO-3 (shared with ADMM)."""
     with gathered(proj.module):
         zeros = int((proj.weight_view() == 0).sum())
     return ProjectionReport(
@@ -306,10 +321,10 @@ def _projection_report(adapter, proj: Projection, plan: _Plan, masks: MaskStore,
         name=proj.name,
         module=adapter.module_name(proj),
         numel=proj.numel,
-        requested_sparsity=plan.counts[proj.key] / proj.numel,
+        requested_sparsity=requested / proj.numel,
         achieved_sparsity=int((~keep).sum()) / proj.numel,
-        structured_sparsity=(plan.counts[proj.key] - plan.unstructured[proj.key]) / proj.numel,
+        structured_sparsity=structural / proj.numel,
         zero_fraction=zeros / proj.numel,
-        outlier_ratio=ratios.get(proj.key),
-        seconds=seconds.get(proj.key, 0.0),
+        outlier_ratio=outlier_ratio,
+        seconds=seconds,
     )

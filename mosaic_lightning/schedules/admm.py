@@ -37,10 +37,10 @@ from torch import nn
 from ..adapters import ModelAdapter, Projection
 from ..allocation import exact_counts, outlier_ratios
 from ..config import PruningConfig
-from ..engine import PruningOutcome, commit_masks
+from ..engine import PruningOutcome, commit_masks, projection_report
 from ..patterns import Pattern
-from ..report import ProjectionReport, PruningReport
-from ..zero import add_to_grad_, deepspeed_engine, full_fp32, gathered
+from ..report import PruningReport
+from ..zero import add_to_grad_, deepspeed_engine, full_fp32
 from .base import Schedule
 
 if TYPE_CHECKING:
@@ -301,7 +301,7 @@ class ADMM(Schedule):
         """A report shaped like the engine's, so the CLI, export and heat map work unchanged."""
         report = PruningReport(config=config.to_dict())
         report.projections = [
-            _projection_report(adapter, p, self.counts[p.key], keeps[p.key], self.ratios)
+            projection_report(adapter, p, keeps[p.key], self.counts[p.key], outlier_ratio=self.ratios.get(p.key))
             for p in adapter.all_projections()
         ]
         report.timings = {"admm": self.seconds, "prune": seconds}
@@ -383,27 +383,3 @@ def _by_parameter(projs: list[Projection]) -> list[list[Projection]]:
     for proj in projs:
         groups.setdefault(proj.param_name, []).append(proj)
     return list(groups.values())
-
-
-def _projection_report(
-    adapter: ModelAdapter, proj: Projection, count: int, keep: torch.Tensor, ratios: dict[str, float]
-) -> ProjectionReport:
-    return ProjectionReport(
-        key=proj.key,
-        layer=proj.layer,
-        name=proj.name,
-        module=adapter.module_name(proj),
-        numel=proj.numel,
-        requested_sparsity=count / proj.numel,
-        achieved_sparsity=int((~keep).sum()) / proj.numel,
-        structured_sparsity=0.0,
-        zero_fraction=_zero_fraction(proj),
-        outlier_ratio=ratios.get(proj.key),
-        seconds=0.0,
-    )
-
-
-def _zero_fraction(proj: Projection) -> float:
-    """Zeros in the visible weight (under DeepSpeed the masters receive the pruned model only after the report)."""
-    with gathered(proj.module):
-        return int((proj.weight_view() == 0).sum()) / proj.numel

@@ -17,13 +17,12 @@ from torch import nn
 from .report import PruningReport
 
 
-def check_export_dir(export_dir: str | os.PathLike) -> pathlib.Path:
-    """Fail early (before any weight changes) when the target exists and is not an empty directory."""
+def check_export_dir(export_dir: str | os.PathLike, field: str = "export_dir") -> pathlib.Path:
+    """Fail early (before any weight changes) when the target exists and is not an empty directory; the error
+    names the argument ``field``."""
     path = pathlib.Path(export_dir)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(
-            f"export_dir={str(path)!r} already exists and is not empty; choose a new directory"
-        )
+        raise FileExistsError(f"{field}={str(path)!r} already exists and is not empty; choose a new directory")
     return path
 
 
@@ -59,10 +58,10 @@ def save_pruned(
 
 
 @contextmanager
-def atomic_directory(target: str | os.PathLike):
+def atomic_directory(target: str | os.PathLike, field: str = "export_dir"):
     """A temp directory beside ``target`` to write into; renamed to ``target`` only when the block succeeds,
     removed otherwise, so ``target`` is never half-written and an existing non-empty one is never touched."""
-    path = check_export_dir(target).absolute()
+    path = check_export_dir(target, field).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:

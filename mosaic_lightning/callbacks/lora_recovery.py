@@ -27,7 +27,6 @@ Lifecycle (the same on one device, DDP and DeepSpeed ZeRO-2/3):
 
 from __future__ import annotations
 
-import pathlib
 import re
 
 import lightning as L
@@ -36,7 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from ..adapters import CANONICAL_NAMES, ModelAdapter
-from ..export import atomic_directory
+from ..export import atomic_directory, check_export_dir
 from ..masks import MaskStore, canonical_name
 from ..zero import deepspeed_engine, full_shape, gathered_params
 from .mosaic_pruning import MosaicPruning, build_model_now, causal_lm
@@ -80,7 +79,7 @@ class LoRARecovery(L.Callback):
         self.dropout = _check_dropout(dropout)
         self.targets = _check_targets(targets)
         if adapter_dir is not None:
-            _check_adapter_dir(adapter_dir)
+            check_export_dir(adapter_dir, field="adapter_dir")
         self.adapter_dir = adapter_dir
         if not isinstance(merge, bool):
             raise TypeError(f"merge={merge!r}; allowed values: True, False")
@@ -97,7 +96,7 @@ class LoRARecovery(L.Callback):
             return
         pruning = _find_pruning(trainer)
         if self.adapter_dir is not None:
-            _check_adapter_dir(self.adapter_dir)
+            check_export_dir(self.adapter_dir, field="adapter_dir")
         self._finished = False
         if not self.attached:  # else merge=False in an earlier fit: keep training the same adapter
             build_model_now(trainer, pl_module)
@@ -264,8 +263,7 @@ def _save_adapter(peft_model: nn.Module, adapter_dir: str, writer: bool) -> None
     Every rank joins the gather of the adapter's ZeRO-3 partitions (only the adapter); ``writer`` writes."""
     with gathered_params(p for n, p in peft_model.named_parameters() if _is_lora_key(n)):
         if writer:
-            _check_adapter_dir(adapter_dir)
-            with atomic_directory(adapter_dir) as tmp:
+            with atomic_directory(adapter_dir, field="adapter_dir") as tmp:
                 peft_model.save_pretrained(tmp)
 
 
@@ -304,10 +302,3 @@ def _check_targets(targets: list[str] | None) -> list[str] | None:
         except re.error as err:
             raise ValueError(f"targets item {item!r} is not a valid regular expression: {err}") from None
     return list(targets)
-
-
-def _check_adapter_dir(adapter_dir: str) -> pathlib.Path:
-    path = pathlib.Path(adapter_dir)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"adapter_dir={adapter_dir!r} already exists and is not empty; choose a new directory")
-    return path

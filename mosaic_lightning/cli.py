@@ -14,11 +14,12 @@ from lightning.pytorch import Callback
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from .callbacks import CompactOnFitEnd, MosaicPruning, causal_lm
+from .callbacks import CompactOnFitEnd, MosaicPruning
 from .callbacks.compact_on_fit_end import final_model
 from .evaluation import perplexity
 from .export import check_export_dir, save_pruned
 from .lit import CausalLM, TextDataModule
+from .trainer_access import causal_lm, find_callback
 
 
 class MosaicCLI(LightningCLI):
@@ -43,7 +44,7 @@ class MosaicCLI(LightningCLI):
         parser.link_arguments("model.pretrained", "data.tokenizer")
 
     def _pruning_callback(self) -> MosaicPruning:
-        return next(cb for cb in self.trainer.callbacks if isinstance(cb, MosaicPruning))
+        return find_callback(self.trainer, MosaicPruning)
 
     def before_fit(self) -> None:
         config = self.config[self.subcommand]
@@ -77,7 +78,7 @@ class MosaicCLI(LightningCLI):
 
     def _final_model(self, callback: MosaicPruning) -> torch.nn.Module | None:
         """The model to export, compacted (under DeepSpeed consolidated on rank 0; None on the other ranks)."""
-        compactor = next((cb for cb in self.trainer.callbacks if isinstance(cb, CompactOnFitEnd)), None)
+        compactor = find_callback(self.trainer, CompactOnFitEnd)
         if compactor is not None:  # it already compacted (and consolidated) at fit end
             return compactor.model
         probe = next(iter(self.datamodule.val_dataloader()))["input_ids"][:1]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
 
-from .allocation import ALLOCATIONS, Allocation, build_allocation
-from .methods import METHODS, PruningMethod, build_method
+from .allocation import Allocation, Uniform, resolve_allocation
+from .components import Component
+from .methods import PruningMethod, resolve_method
 from .patterns import Pattern, parse_pattern
 from .structure import UNIT_KINDS
 
@@ -14,48 +17,51 @@ from .structure import UNIT_KINDS
 class PruningConfig:
     """What to prune and how. Every field is checked in ``__post_init__`` with an error naming it.
 
+    The engine-level defaults are the plain baseline (Wanda, uniform); :class:`~mosaic_lightning.MosaicPruning`
+    and the ``mosaic-*`` recipes default to the published Mosaic system (SparseGPT, ``mosaic`` allocation).
+
     Args:
         sparsity: fraction of the targeted projections' weights to prune, parameter-weighted, in [0, 1).
-        method: which weights go: ``magnitude``, ``wanda`` or ``sparsegpt``.
-        allocation: how much each projection is pruned: ``uniform``, ``owl`` (per layer), ``mosaic`` (POD,
-            per projection) or ``mosaic-typed`` (POD relative to each projection type's mean).
+        method: which weights go: a shorthand (``magnitude``, ``wanda``, ``sparsegpt``, ``random``), a
+            :class:`~mosaic_lightning.methods.PruningMethod` instance, or ``{"class_path", "init_args"}``.
+            Method options are its own ``init_args`` (e.g. SparseGPT's ``blocksize``, ``damp``, ``mask_scope``).
+        allocation: how much each projection is pruned: ``uniform``, ``owl`` (per layer), ``mosaic`` (the
+            published Mosaic: OWL's layer profile plus a per-projection-type offset), an
+            :class:`~mosaic_lightning.allocation.Allocation` instance or ``{"class_path", "init_args"}``
+            (outlier ``threshold`` and ``lam`` are OWL's and Mosaic's own arguments).
         pattern: ``unstructured`` (compared per output row), ``unstructured-layer`` or ``N:M`` (e.g. ``2:4``).
         targets: projections to prune, by short name (q,k,v,o,gate,up,down) or module-name regex; None = all.
         exclude: projections to leave dense, same syntax.
         min_sparsity, max_sparsity: bounds on any one projection's sparsity under non-uniform allocation.
-        outlier_threshold: a score is an outlier above this multiple of its group's mean (OWL's M, Mosaic's alpha).
-        owl_lambda: spread of the outlier-weighted allocation: group sparsities span 2*lambda around the target.
-        sparsegpt_blocksize, sparsegpt_damp: SparseGPT's column block size and relative Hessian damping.
         structured_fraction: share of the pruned weights removed as whole units (composite pruning), in
             [0, 1]; 0 = unstructured only, 1 = structured only. Robust (few-outlier) units take more of it.
         structured_units: unit kinds to remove: ``mlp`` (channels) and/or ``heads`` (attention heads).
+        structure_lambda: spread of the per-layer unit removal (OWL's rule on unit groups): removed fractions
+            span ``2 * structure_lambda`` around their mean.
+        uniform_structure: remove the same number of units in every layer, so that a plain HF config
+            describes the compacted model; otherwise per-layer sizes (load with ``load_pruned``).
         sequential: calibrate each block on the output of the blocks before it *as pruned* (as Wanda's and
             SparseGPT's reference code do; two passes per block); False uses the dense model's activations
             (one pass per block, faster, usually slightly worse).
-        uniform_structure: remove the same number of units in every layer, so that a plain HF config
-            describes the compacted model; otherwise per-layer sizes (load with ``load_pruned``).
     """
 
     sparsity: float = 0.5
-    method: str = "wanda"
-    allocation: str = "uniform"
+    method: Any = "wanda"
+    allocation: Any = "uniform"
     pattern: str = "unstructured"
     targets: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
     min_sparsity: float = 0.0
     max_sparsity: float = 0.99
-    outlier_threshold: float = 5.0
-    owl_lambda: float = 0.08
-    sparsegpt_blocksize: int = 128
-    sparsegpt_damp: float = 0.01
     structured_fraction: float = 0.0
     structured_units: list[str] = field(default_factory=lambda: ["mlp", "heads"])
+    structure_lambda: float = 0.08
     uniform_structure: bool = False
     sequential: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, int | float):
-            raise TypeError(f"sparsity={self.sparsity!r}; must be a number in [0, 1)")
+        for name in ("sparsity", "min_sparsity", "max_sparsity", "structured_fraction", "structure_lambda"):
+            _check_number(name, getattr(self, name))
         if not 0 <= self.sparsity < 1:
             raise ValueError(f"sparsity={self.sparsity}; allowed values: 0 <= sparsity < 1")
         if not 0 <= self.min_sparsity <= self.max_sparsity < 1:
@@ -63,41 +69,30 @@ class PruningConfig:
                 f"min_sparsity={self.min_sparsity}, max_sparsity={self.max_sparsity}; "
                 "need 0 <= min_sparsity <= max_sparsity < 1"
             )
-        if self.allocation != "uniform" and not self.min_sparsity <= self.sparsity <= self.max_sparsity:
+        if not 0 <= self.structure_lambda < 0.5:
+            raise ValueError(f"structure_lambda={self.structure_lambda}; allowed values: 0 <= structure_lambda < 0.5")
+        for name in ("targets", "exclude"):
+            if isinstance(getattr(self, name), str):
+                raise TypeError(f"{name}={getattr(self, name)!r}; give a list of names or regexes, e.g. ['down']")
+        self.method: PruningMethod = resolve_method(self.method)
+        self.allocation: Allocation = resolve_allocation(self.allocation)
+        uniform = isinstance(self.allocation, Uniform)
+        if not uniform and not self.min_sparsity <= self.sparsity <= self.max_sparsity:
             raise ValueError(
                 f"sparsity={self.sparsity} lies outside min_sparsity={self.min_sparsity}..max_sparsity="
                 f"{self.max_sparsity}, which bound every projection"
             )
-        if self.outlier_threshold <= 0:
-            raise ValueError(f"outlier_threshold={self.outlier_threshold}; must be > 0 (OWL uses 3..7, often 5)")
-        if not 0 <= self.owl_lambda < 0.5:
-            raise ValueError(f"owl_lambda={self.owl_lambda}; allowed values: 0 <= owl_lambda < 0.5 (OWL: ~0.08)")
-        if isinstance(self.sparsegpt_blocksize, bool) or not isinstance(self.sparsegpt_blocksize, int) or (
-            self.sparsegpt_blocksize < 1
-        ):
-            raise ValueError(f"sparsegpt_blocksize={self.sparsegpt_blocksize!r}; must be a positive integer")
-        if not 0 < self.sparsegpt_damp < 1:
-            raise ValueError(f"sparsegpt_damp={self.sparsegpt_damp}; allowed values: 0 < sparsegpt_damp < 1")
-        for name in ("targets", "exclude"):
-            if isinstance(getattr(self, name), str):
-                raise TypeError(f"{name}={getattr(self, name)!r}; give a list of names or regexes, e.g. ['down']")
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r}; allowed values: {sorted(METHODS)}")
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation={self.allocation!r}; allowed values: {sorted(ALLOCATIONS)}")
         pattern = self.build_pattern()
         fixed = pattern.fixed_sparsity
         if fixed is not None:
             if abs(self.sparsity - fixed) > 1e-9:
                 raise ValueError(f"pattern={self.pattern!r} fixes sparsity at {fixed}; set sparsity={fixed}")
-            if self.allocation != "uniform":
+            if not uniform:
                 raise ValueError(
-                    f"allocation={self.allocation!r} gives each projection its own sparsity, which "
+                    f"allocation={self.allocation.label!r} gives each projection its own sparsity, which "
                     f"pattern={self.pattern!r} (fixed at {fixed}) cannot take; use allocation='uniform' or an "
                     "unstructured pattern"
                 )
-        self.build_method()
-        self.build_allocation()
         self._check_structure(pattern)
 
     def _check_structure(self, pattern: Pattern) -> None:
@@ -116,17 +111,30 @@ class PruningConfig:
     def structured(self) -> bool:
         return self.structured_fraction > 0
 
-    def build_method(self) -> PruningMethod:
-        options = {}
-        if self.method == "sparsegpt":
-            options = {"blocksize": self.sparsegpt_blocksize, "damp": self.sparsegpt_damp}
-        return build_method(self.method, **options)
-
-    def build_allocation(self) -> Allocation:
-        return build_allocation(self.allocation, threshold=self.outlier_threshold, lam=self.owl_lambda)
+    def bounds(self) -> tuple[float, float]:
+        """Per-projection sparsity bounds for the exact renormalisation (uniform: whatever the target is)."""
+        if isinstance(self.allocation, Uniform):
+            return 0.0, 1.0
+        return self.min_sparsity, self.max_sparsity
 
     def build_pattern(self) -> Pattern:
         return parse_pattern(self.pattern)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain values; method and allocation as ``{"class_path", "init_args"}`` (checkpoints, reports)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.to_config() if isinstance(value, Component) else _copy(value)
+        return out
+
+
+def _check_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name}={value!r}; must be a number")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value!r}; must be a finite number")
+
+
+def _copy(value):
+    return list(value) if isinstance(value, list) else value

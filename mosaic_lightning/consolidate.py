@@ -53,7 +53,7 @@ def consolidated_copy(model: nn.Module, masks: MaskStore | None, keep: bool) -> 
         return None
     _check_complete(target)
     if masks is not None:
-        masks.apply_(target)
+        masks.enforce_(target)
     return target.eval()
 
 

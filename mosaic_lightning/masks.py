@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .zero import is_partitioned, mask_partition_
+from .zero import mask_parameter_, sync_master_
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
@@ -58,20 +58,29 @@ class MaskStore:
         self.masks[name] = keep.detach().to(torch.bool)
 
     @torch.no_grad()
-    def apply_(self, model: nn.Module) -> None:
-        """Zero every pruned weight of ``model`` in place."""
+    def enforce_(self, model: nn.Module, optimizers: Iterable = ()) -> None:
+        """Zero every pruned weight of ``model`` in place, and its optimizer moments: the one mask path for every
+        strategy. Plain and DDP parameters: the weight, then the moments of ``optimizers`` (torch optimizers;
+        others are skipped). DeepSpeed ZeRO-1/2/3: this rank's visible share, fp32 master and Adam moments."""
         params = named_parameters(model)
         for name, keep in self.masks.items():
-            param = params[name]
-            if is_partitioned(param):  # DeepSpeed ZeRO-3: this rank's slice (masters: zero.apply_masks_)
-                mask_partition_(param, keep)
-                continue
-            param.data.masked_fill_(~keep.to(param.device), 0)
+            mask_parameter_(params[name], keep)
+        for optimizer in optimizers:
+            if isinstance(optimizer, torch.optim.Optimizer):
+                self._zero_optimizer_state(optimizer, params)
 
     @torch.no_grad()
-    def zero_optimizer_state_(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    def adopt_(self, model: nn.Module, optimizers: Iterable = ()) -> None:
+        """Right after pruning: write the pruned weights into any DeepSpeed fp32 masters (a no-op elsewhere),
+        then :meth:`enforce_`, so no optimizer state of a pruned entry survives."""
+        params = named_parameters(model)
+        for name in self.masks:
+            sync_master_(params[name])
+        self.enforce_(model, optimizers)
+
+    def _zero_optimizer_state(self, optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter]) -> None:
         """Zero optimizer moments of pruned entries, so momentum cannot regrow them after unmasking."""
-        by_param = {id(p): self.masks[n] for n, p in named_parameters(model).items() if n in self.masks}
+        by_param = {id(p): self.masks[n] for n, p in params.items() if n in self.masks}
         for group in optimizer.param_groups:
             for param in group["params"]:
                 keep = by_param.get(id(param))

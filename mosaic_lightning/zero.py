@@ -7,10 +7,11 @@ result from all-reduced statistics, and what is written inside a modifying gathe
 and re-partitioned on exit, so ranks cannot drift.
 
 Under ZeRO-1/2/3 the optimizer steps fp32 *master* partitions and copies them into the visible weights
-afterwards, so zeroing the visible weights alone is undone by the next step. :func:`sync_master_` writes the
-pruned model into the masters once, and :func:`apply_masks_` zeroes pruned entries in the visible weights,
-the masters and the Adam moments after every step. Both touch only this rank's own partitions (no
-collectives), so they run on every rank.
+afterwards, so zeroing the visible weights alone is undone by the next step. :func:`sync_master_` writes a
+pruned parameter into its master once, and :func:`mask_parameter_` zeroes pruned entries in the visible weight,
+the master and the Adam moments after every step. Both touch only this rank's own partitions (no collectives),
+so they run on every rank, and both are no-ops beyond the visible weight for parameters DeepSpeed does not
+manage: :meth:`~mosaic_lightning.masks.MaskStore.enforce_` is the one mask path for every strategy.
 
 Nothing here imports DeepSpeed unless it is already loaded: plain and DDP runs never pay for it.
 """
@@ -20,13 +21,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:  # masks.py imports this module
-    from .masks import MaskStore
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -109,43 +106,33 @@ def add_to_grad_(param: torch.Tensor, value: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def sync_master_(masks: MaskStore, model: nn.Module) -> None:
-    """After pruning under DeepSpeed: copy the pruned visible weights (SparseGPT also changes kept ones) into
-    the fp32 master partitions of the masked parameters, then clear the pruned entries' moments.
+def sync_master_(param: torch.Tensor) -> None:
+    """After pruning under DeepSpeed: copy the pruned visible weight (SparseGPT also changes kept ones) into its
+    fp32 master partition (a no-op for a parameter DeepSpeed does not step). With bf16/fp16 weights this rounds
+    the master to the visible precision once, which is what pruning saw."""
+    if is_partitioned(param):
+        if hasattr(param, "_z3_optimizer"):
+            from deepspeed.utils import safe_set_local_fp32_param
 
-    With bf16/fp16 weights this rounds those masters to the visible precision once, which is what pruning saw.
-    """
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
+            safe_set_local_fp32_param(param, param.ds_tensor.detach().float())
+    elif getattr(param, "_hp_mapping", None) is not None:
+        from deepspeed.utils import safe_set_full_fp32_param
 
-    from .masks import named_parameters
-
-    params = named_parameters(model)
-    for name in masks.masks:
-        param = params[name]
-        if is_partitioned(param):
-            if hasattr(param, "_z3_optimizer"):
-                safe_set_local_fp32_param(param, param.ds_tensor.detach().float())
-        elif getattr(param, "_hp_mapping", None) is not None:
-            # ZeRO-1/2 keep the full visible weight on every rank; this writes only the rank's own fragment.
-            safe_set_full_fp32_param(param, param.detach().float())
-    apply_masks_(masks, model)
+        # ZeRO-1/2 keep the full visible weight on every rank; this writes only the rank's own fragment.
+        safe_set_full_fp32_param(param, param.detach().float())
 
 
 @torch.no_grad()
-def apply_masks_(masks: MaskStore, model: nn.Module) -> None:
-    """Zero pruned entries in the visible weights, the fp32 masters and the Adam moments: this rank's share."""
-    from .masks import named_parameters
-
-    params = named_parameters(model)
-    for name, keep in masks.masks.items():
-        param = params[name]
-        if is_partitioned(param):
-            _mask_zero3(param, keep)
-        else:
-            param.data.masked_fill_(~keep.to(param.device), 0)
-            mapping = getattr(param, "_hp_mapping", None)
-            if mapping is not None:
-                _mask_zero12(mapping, keep)
+def mask_parameter_(param: torch.Tensor, keep: torch.Tensor) -> None:
+    """Zero pruned entries of one parameter: this rank's visible share and, under DeepSpeed, its fp32 master and
+    Adam moments."""
+    if is_partitioned(param):
+        _mask_zero3(param, keep)
+        return
+    param.data.masked_fill_(~keep.to(param.device), 0)
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is not None:
+        _mask_zero12(mapping, keep)
 
 
 def _mask_zero12(mapping, keep: torch.Tensor) -> None:

@@ -13,8 +13,9 @@ from torch.utils.data import DataLoader
 
 from mosaic_lightning import MosaicPruning
 from mosaic_lightning.adapters import ModelAdapter
+from mosaic_lightning.engine import plan_pruning
 from mosaic_lightning.patterns import parse_pattern
-from mosaic_lightning.schedules import ADMM, prune_counts, sparse_projection
+from mosaic_lightning.schedules import ADMM, sparse_projection
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -101,14 +102,16 @@ def test_projection_2_of_4_keeps_the_two_largest_per_group():
     assert torch.equal(z, x * keep)
 
 
-def test_prune_counts_are_exact_for_uniform_and_outlier_allocations(llama):
+def test_admm_counts_from_the_engine_planner_are_exact_for_uniform_and_outlier_allocations(llama):
     adapter = ModelAdapter(llama)
     total = sum(p.numel for p in adapter.all_projections())
-    uniform, ratios = prune_counts(adapter, _callback(ADMM()).config)
-    assert sum(uniform.values()) == round(0.8 * total) and not ratios
-    assert all(abs(uniform[p.key] - 0.8 * p.numel) <= 1 for p in adapter.all_projections())
-    mosaic, ratios = prune_counts(adapter, _callback(ADMM(), allocation="mosaic", max_sparsity=0.95).config)
-    assert sum(mosaic.values()) == round(0.8 * total) and set(ratios) == set(mosaic)
+    uniform = plan_pruning(llama, adapter, [], _callback(ADMM()).config)  # uniform reads no calibration data
+    assert sum(uniform.counts.values()) == round(0.8 * total) and not uniform.ratios
+    assert all(abs(uniform.counts[p.key] - 0.8 * p.numel) <= 1 for p in adapter.all_projections())
+    batches = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))]
+    config = _callback(ADMM(), allocation="mosaic", max_sparsity=0.95).config
+    mosaic = plan_pruning(llama, adapter, batches, config)
+    assert sum(mosaic.counts.values()) == round(0.8 * total) and set(mosaic.ratios) == set(mosaic.counts)
 
 
 # -- the ADMM steps, driven by hand ----------------------------------------------------------------------

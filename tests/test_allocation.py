@@ -1,4 +1,5 @@
-"""Allocation: exact integer counts on target within bounds; outlier-weighted sparsities (OWL, Mosaic POD)."""
+"""Allocation: exact integer counts on target within bounds; OWL and the published Mosaic formula against an
+independent computation on a tiny model (hooks on every projection, ratios and formula written out here)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,19 @@ import random
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from mosaic_lightning.allocation import OWL, MosaicPOD, Uniform, build_allocation, exact_counts, outlier_ratios
+from mosaic_lightning import PruningConfig, prune_model
+from mosaic_lightning.adapters import ModelAdapter
+from mosaic_lightning.allocation import (
+    OWL,
+    AllocationContext,
+    Mosaic,
+    Uniform,
+    exact_counts,
+    outlier_ratios,
+    resolve_allocation,
+)
 
 
 def _outward_bounds(n: int, lo: float, hi: float) -> tuple[int, int]:
@@ -77,35 +89,6 @@ def test_exact_counts_infeasible_bounds_raise(lo, hi):
     assert "max_sparsity" in str(info.value)
 
 
-@pytest.mark.parametrize("cls", [OWL, MosaicPOD])
-def test_more_outliers_means_lower_sparsity(cls):
-    ratios = {"a": 0.010, "b": 0.050, "c": 0.020, "d": 0.035}
-    sparsity = cls(threshold=5.0, lam=0.08).sparsities(ratios, 0.5)
-    by_ratio = sorted(ratios, key=ratios.get)
-    values = [sparsity[k] for k in by_ratio]
-    assert all(x > y for x, y in zip(values, values[1:], strict=False))
-
-
-@pytest.mark.parametrize("lam", [0.0, 0.02, 0.08, 0.2])
-def test_outlier_weighted_spread_is_two_lambda_centred_on_target(lam):
-    ratios = {"a": 0.3, "b": 0.01, "c": 0.02, "d": 0.015, "e": 0.0}
-    sparsity = MosaicPOD(lam=lam).sparsities(ratios, 0.6)
-    values = torch.tensor(list(sparsity.values()), dtype=torch.float64)
-    assert float(values.max() - values.min()) == pytest.approx(2 * lam, abs=1e-12)
-    assert float(values.mean()) == pytest.approx(0.6, abs=1e-12)
-    # OWL's rule, written out: ratios normalised to [0, 2 lam], centred, subtracted from the target.
-    lo, hi = min(ratios.values()), max(ratios.values())
-    norm = {k: (r - lo) / (hi - lo) * 2 * lam for k, r in ratios.items()}
-    mean = sum(norm.values()) / len(norm)
-    for k in ratios:
-        assert sparsity[k] == pytest.approx(0.6 - (norm[k] - mean), abs=1e-12)
-
-
-def test_equal_ratios_give_uniform_target():
-    assert OWL().sparsities({"layer0": 0.02, "layer1": 0.02}, 0.5) == {"layer0": 0.5, "layer1": 0.5}
-    assert Uniform().sparsities({"a": 0.9, "b": 0.0}, 0.4) == {"a": 0.4, "b": 0.4}
-
-
 def test_outlier_ratios_against_direct_computation():
     g = torch.Generator().manual_seed(0)
     scores = {
@@ -116,11 +99,11 @@ def test_outlier_ratios_against_direct_computation():
     }
     threshold = 2.5
     # Per projection.
-    per_proj = outlier_ratios(scores, {k: k for k in scores}, threshold)
+    per_proj = outlier_ratios(scores, {k: [k] for k in scores}, threshold)
     for k, s in scores.items():
         assert per_proj[k] == pytest.approx(float((s > threshold * s.double().mean()).sum()) / s.numel(), abs=1e-12)
     # Per layer: the mean is over all scores of the group, not an average of projection means.
-    groups = {k: f"layer{k[0]}" for k in scores}
+    groups = {k: [f"layer{k[0]}"] for k in scores}
     per_layer = outlier_ratios(scores, groups, threshold)
     assert per_layer.keys() == {"layer0", "layer1"}
     for layer in ("0", "1"):
@@ -130,36 +113,140 @@ def test_outlier_ratios_against_direct_computation():
         assert per_layer[f"layer{layer}"] == pytest.approx(direct, abs=1e-12)
 
 
-def test_owl_groups_by_layer_and_pod_by_projection():
-    class P:
-        def __init__(self, layer, name):
-            self.layer, self.name, self.key = layer, name, f"{layer}.{name}"
-
-    assert OWL().group(P(3, "q")) == OWL().group(P(3, "down")) == "layer3"
-    assert MosaicPOD().group(P(3, "q")) == "3.q" != MosaicPOD().group(P(3, "down"))
+TYPES = ("q", "k", "v", "o", "gate", "up", "down")
+MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+           "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}  # fmt: skip
+LAYERS = 5
 
 
-def test_build_allocation_validates():
-    with pytest.raises(ValueError, match="allocation='bogus'") as info:
-        build_allocation("bogus")
-    for name in ("uniform", "owl", "mosaic"):
-        assert name in str(info.value)
-    with pytest.raises(ValueError, match="threshold"):
-        build_allocation("owl", threshold=0.0)
-    with pytest.raises(ValueError, match="0.5"):
-        build_allocation("mosaic", lam=0.5)
+def _deep_llama() -> LlamaForCausalLM:
+    """Five layers, so min-max normalisation over layers and the per-type mean are not degenerate."""
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=96)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # heavy-tailed weights: outlier counts then differ between layers and types
+        for p in model.model.layers.parameters():
+            if p.dim() == 2:
+                p.mul_(torch.rand(p.shape, generator=torch.Generator().manual_seed(p.numel())) ** 3 * 4)
+    return model
 
 
-def test_type_normalised_pod_compares_each_projection_with_its_type():
-    """q has 10x the outliers of up in both layers: plain POD shifts budget from q to up, the type-normalised
-    variant gives both types the target on average and favours layer 0 (2x its type's usual ratio) in each."""
-    from mosaic_lightning.allocation import MosaicPOD, TypeNormalisedPOD
+def _batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 96, (2, 24), generator=g) for _ in range(3)]
 
-    ratios = {"0.q": 0.20, "1.q": 0.10, "0.up": 0.02, "1.up": 0.01}
-    lam, target = 0.08, 0.5
-    typed = TypeNormalisedPOD(lam=lam).sparsities(ratios, target)
-    # relative ratios 4/3, 2/3, 4/3, 2/3 -> normalised to 2*lam, 0, 2*lam, 0 -> mean lam
-    expected = {"0.q": target - lam, "1.q": target + lam, "0.up": target - lam, "1.up": target + lam}
-    assert typed == pytest.approx(expected)
-    plain = MosaicPOD(lam=lam).sparsities(ratios, target)
-    assert plain["0.q"] < plain["1.q"] < target < plain["0.up"] < plain["1.up"]
+
+def _wanda_scores_by_hand(model) -> dict[tuple[int, str], torch.Tensor]:
+    """|W| * ||X_j|| with X every token entering each projection of the dense model (one full forward)."""
+    sq: dict[tuple[int, str], torch.Tensor] = {}
+    handles = []
+    for layer, block in enumerate(model.model.layers):
+        for t, path in MODULES.items():
+            def hook(_m, args, key=(layer, t)):
+                x = args[0].reshape(-1, args[0].shape[-1]).double()
+                sq[key] = sq.get(key, 0) + (x * x).sum(0)
+            handles.append(block.get_submodule(path).register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for ids in _batches():
+            model(input_ids=ids)
+    for h in handles:
+        h.remove()
+    return {
+        (layer, t): model.model.layers[layer].get_submodule(MODULES[t]).weight.abs() * sq[(layer, t)].sqrt().float()
+        for layer in range(LAYERS) for t in TYPES
+    }  # fmt: skip
+
+
+def _ratio(scores: torch.Tensor, m: float) -> float:
+    flat = scores.flatten().double()
+    return float((flat > m * flat.mean()).sum()) / flat.numel()
+
+
+def _minmax(values: list[float], lam: float) -> list[float]:
+    lo, hi = min(values), max(values)
+    return [2 * lam * (v - lo) / (hi - lo) for v in values]
+
+
+def _mosaic_by_hand(model, s: float, m: float = 5.0, lam: float = 0.08) -> dict[str, float]:
+    scores = _wanda_scores_by_hand(model)
+    d_layer = [_ratio(torch.cat([scores[(i, t)].flatten() for t in TYPES]), m) for i in range(LAYERS)]
+    a = _minmax(d_layer, lam)
+    offset = {}
+    for t in TYPES:
+        b = _minmax([_ratio(scores[(i, t)], m) for i in range(LAYERS)], lam)
+        offset[t] = sum(b) / LAYERS
+    return {f"{i}.{t}": max(s - a[i] + offset[t], 0) or 0.01 for i in range(LAYERS) for t in TYPES}
+
+
+def _allocate(allocation, model, s: float):
+    return allocation.allocate(AllocationContext(model, ModelAdapter(model), _batches(), progress=False), s)
+
+
+def test_mosaic_allocation_is_the_published_formula():
+    model = _deep_llama()
+    budget = _allocate(Mosaic(), model, 0.6)
+    expected = _mosaic_by_hand(model, 0.6)
+    assert budget.sparsity.keys() == expected.keys()
+    for key, value in expected.items():
+        assert budget.sparsity[key] == pytest.approx(value, abs=1e-9), key
+    # Not degenerate: layers and types really differ.
+    assert len({round(v, 9) for v in expected.values()}) > LAYERS
+    scores = _wanda_scores_by_hand(model)
+    for (layer, t), sc in scores.items():  # the reported ratio is the projection's own D_{t,l}
+        assert budget.ratios[f"{layer}.{t}"] == pytest.approx(_ratio(sc, 5.0), abs=1e-12)
+
+
+def test_mosaic_values_at_or_below_zero_become_the_reference_floor():
+    model = _deep_llama()
+    budget = _allocate(Mosaic(lam=0.45), model, 0.05)  # s - A_l + mean B < 0 for the most outlier-heavy layers
+    expected = _mosaic_by_hand(model, 0.05, lam=0.45)
+    assert 0.01 in expected.values()
+    assert budget.sparsity == pytest.approx(expected, abs=1e-9)
+
+
+def test_mosaic_through_prune_model_is_the_formula_renormalised_exactly():
+    """The one deliberate deviation from the reference: a single shift makes the total exact."""
+    model = _deep_llama()
+    expected = _mosaic_by_hand(model, 0.6)
+    report = prune_model(model, _batches(), PruningConfig(0.6, "magnitude", "mosaic"), progress=False).report
+    sizes = {p.key: p.numel for p in report.projections}
+    assert sum(round(p.requested_sparsity * p.numel) for p in report.projections) == round(0.6 * sum(sizes.values()))
+    shifts = [p.requested_sparsity - expected[p.key] for p in report.projections]
+    assert max(shifts) - min(shifts) <= 2 / min(sizes.values())
+    assert all(p.achieved_sparsity == p.requested_sparsity for p in report.projections)
+
+
+def test_owl_allocation_is_the_layerwise_formula():
+    model = _deep_llama()
+    budget = _allocate(OWL(), model, 0.7)
+    scores = _wanda_scores_by_hand(model)
+    d_layer = [_ratio(torch.cat([scores[(i, t)].flatten() for t in TYPES]), 5.0) for i in range(LAYERS)]
+    a = _minmax(d_layer, 0.08)
+    mean = sum(a) / LAYERS
+    for i in range(LAYERS):
+        for t in TYPES:
+            assert budget.sparsity[f"{i}.{t}"] == pytest.approx(0.7 - (a[i] - mean), abs=1e-9)
+
+
+def test_uniform_allocation_reads_no_calibration_data():
+    model = _deep_llama()
+    budget = Uniform().allocate(AllocationContext(model, ModelAdapter(model), [], progress=False), 0.4)
+    assert set(budget.sparsity.values()) == {0.4} and not budget.ratios
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("bogus", "allocation='bogus'; allowed values: ['mosaic', 'owl', 'uniform']"),
+        ({"class_path": "owl", "init_args": {"threshold": 0.0}}, "threshold=0.0"),
+        ({"class_path": "owl", "init_args": {"threshold": float("nan")}}, "threshold=nan"),
+        ({"class_path": "mosaic_lightning.allocation.Mosaic", "init_args": {"lam": 0.5}}, "lam=0.5"),
+        ({"class_path": "mosaic_lightning.methods.Wanda"}, "is not a subclass of mosaic_lightning.allocation"),
+        ({"class_path": "no_such_module.Alloc"}, "cannot import module 'no_such_module'"),
+    ],
+)
+def test_bad_allocations_are_refused_with_the_field_named(value, message):
+    with pytest.raises(ValueError) as info:
+        resolve_allocation(value)
+    assert message in str(info.value)

@@ -164,10 +164,13 @@ BAD_ARGS = [
     ({"num_calibration_samples": 0}, "num_calibration_samples=0"),
 ]
 BAD_ARGS += [
-    pytest.param({"allocation": "mosaic", "outlier_threshold": 0.0}, "outlier_threshold=0.0"),
-    pytest.param({"allocation": "owl", "owl_lambda": 0.7}, "owl_lambda=0.7"),
-    pytest.param({"method": "sparsegpt", "sparsegpt_blocksize": 0}, "sparsegpt_blocksize=0"),
-    pytest.param({"method": "sparsegpt", "sparsegpt_damp": 0.0}, "sparsegpt_damp=0.0"),
+    pytest.param({"allocation": {"class_path": "mosaic", "init_args": {"threshold": 0.0}}}, "threshold=0.0"),
+    pytest.param({"allocation": {"class_path": "owl", "init_args": {"lam": 0.7}}}, "lam=0.7"),
+    pytest.param({"method": {"class_path": "sparsegpt", "init_args": {"blocksize": 0}}}, "blocksize=0"),
+    pytest.param({"method": {"class_path": "sparsegpt", "init_args": {"damp": 0.0}}}, "damp=0.0"),
+    pytest.param({"method": {"class_path": "sparsegpt", "init_args": {"mask_scope": "col"}}}, "mask_scope='col'"),
+    pytest.param({"method": "obs"}, "method='obs'; allowed values: ['magnitude', 'random', 'sparsegpt', 'wanda']"),
+    pytest.param({"structure_lambda": float("nan")}, "structure_lambda=nan"),
 ]
 
 

@@ -45,7 +45,7 @@ def test_apply_zeroes_pruned_and_keeps_the_rest():
     keep = _random_mask((5, 7), seed=1)
     store = MaskStore()
     store.set("weight", keep)
-    store.apply_(model)
+    store.enforce_(model)
     assert (model.weight[~keep] == 0).all()
     torch.testing.assert_close(model.weight[keep], before[keep], rtol=0, atol=0)
     torch.testing.assert_close(model.bias, bias, rtol=0, atol=0)
@@ -69,7 +69,7 @@ def test_zero_optimizer_state_zeroes_adam_moments_at_pruned_entries():
     keep = _random_mask((5, 7), seed=3)
     store = MaskStore()
     store.set("weight", keep)
-    store.zero_optimizer_state_(optimizer, model)
+    store.enforce_(model, [optimizer])
 
     for name in ("exp_avg", "exp_avg_sq"):
         assert (state[name][~keep] == 0).all()

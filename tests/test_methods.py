@@ -7,7 +7,7 @@ import torch
 from conftest import LLAMA_PROJECTIONS, make_llama
 
 from mosaic_lightning import PruningConfig, prune_model
-from mosaic_lightning.methods import Magnitude, SparseGPT, Wanda, build_method
+from mosaic_lightning.methods import Magnitude, SparseGPT, Wanda, resolve_method
 from mosaic_lightning.patterns import NM, Unstructured
 from mosaic_lightning.stats import InputStatistics, NonFiniteActivationError
 
@@ -126,7 +126,7 @@ def test_sparsegpt_rejects_bad_options():
     with pytest.raises(ValueError, match="damp"):
         SparseGPT(damp=0.0)
     with pytest.raises(ValueError, match="method='obs'") as info:
-        build_method("obs")
+        resolve_method("obs")
     assert all(name in str(info.value) for name in ("magnitude", "sparsegpt", "wanda"))
 
 
@@ -160,7 +160,8 @@ def test_engine_wanda_matches_plain_sequential_wanda(calib_batches):
     """Layer 0 is scored on the dense model; layer 1 on the output of the *pruned* layer 0 (sequential mode)."""
     reference = make_llama()
     pruned = make_llama()
-    outcome = prune_model(pruned, calib_batches, PruningConfig(sparsity=0.5, method="wanda"), progress=False)
+    config = PruningConfig(sparsity=0.5, method="wanda", allocation="uniform")
+    outcome = prune_model(pruned, calib_batches, config, progress=False)
 
     # Layer 0: inputs of the dense model.
     inputs = _projection_inputs(reference, calib_batches, 0)

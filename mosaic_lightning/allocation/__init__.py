@@ -1,31 +1,39 @@
-"""Sparsity allocations by name. A new allocation is a new file here plus one line in :data:`ALLOCATIONS`."""
+"""Sparsity allocations (*how much*). A new allocation is one new file here: an :class:`Allocation` subclass with a
+``name`` shorthand; a user's own subclass elsewhere works through ``class_path``."""
 
 from __future__ import annotations
 
-from .base import Allocation, OutlierWeighted, exact_counts, outlier_ratios
+from .base import (
+    Allocation,
+    AllocationContext,
+    Budget,
+    OutlierWeighted,
+    exact_counts,
+    minmax_spread,
+    outlier_ratios,
+)
+from .mosaic import Mosaic
 from .owl import OWL
-from .pod import MosaicPOD
-from .pod_typed import TypeNormalisedPOD
 from .uniform import Uniform
 
-ALLOCATIONS: dict[str, type[Allocation]] = {a.name: a for a in (Uniform, OWL, MosaicPOD, TypeNormalisedPOD)}
 
+def resolve_allocation(value, field: str = "allocation") -> Allocation:
+    """An allocation from a shorthand (``"owl"``), ``{"class_path", "init_args"}`` or an instance."""
+    from ..components import resolve
 
-def build_allocation(name: str, threshold: float = 5.0, lam: float = 0.08) -> Allocation:
-    if name not in ALLOCATIONS:
-        raise ValueError(f"allocation={name!r}; allowed values: {sorted(ALLOCATIONS)}")
-    cls = ALLOCATIONS[name]
-    return cls(threshold=threshold, lam=lam) if issubclass(cls, OutlierWeighted) else cls()
+    return resolve(value, Allocation, __name__, field)
 
 
 __all__ = [
-    "ALLOCATIONS",
     "OWL",
     "Allocation",
-    "MosaicPOD",
-    "TypeNormalisedPOD",
+    "AllocationContext",
+    "Budget",
+    "Mosaic",
+    "OutlierWeighted",
     "Uniform",
-    "build_allocation",
     "exact_counts",
+    "minmax_spread",
     "outlier_ratios",
+    "resolve_allocation",
 ]

@@ -1,78 +1,112 @@
 """Allocation: *how much* each projection is pruned, with the parameter-weighted total exactly on target.
 
-An allocation groups projections (per layer for OWL, per projection for Mosaic POD), measures each group's
-outlier ratio on the dense model, turns ratios into per-group sparsities, and :func:`exact_counts` then shifts
-and rounds those into integer prune counts whose sum is exactly ``round(target * total)``.
+An allocation measures whatever it needs on the dense model through an :class:`AllocationContext` (outlier
+ratios from a layer-streamed calibration pass today; loss gradients for a Fisher allocation), and returns a
+:class:`Budget`: a sparsity per projection. :func:`exact_counts` then shifts and rounds those into integer prune
+counts whose sum is exactly ``round(target * total)``; that shift is the one renormalisation every allocation gets.
 """
 
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
+from abc import abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
+from torch import nn
+from tqdm.auto import tqdm
 
-from ..adapters import Projection
+from ..adapters import ModelAdapter, Projection
+from ..block import BlockContext, InputStream
+from ..components import Component
+from ..methods.wanda import wanda_scores
 
 
-class Allocation(ABC):
-    name: str
+@dataclass
+class Budget:
+    """Per projection key: ``sparsity`` before exact renormalisation, and the ``ratios`` (outlier ratio or other
+    sensitivity) it came from, reported per projection and used to plan whole-unit removal (empty if none)."""
 
-    @property
-    def needs_profile(self) -> bool:
-        """Whether outlier ratios of the dense model must be measured first (a calibration sweep)."""
-        return False
+    sparsity: dict[str, float]
+    ratios: dict[str, float] = field(default_factory=dict)
 
-    def group(self, proj: Projection) -> str:
-        return proj.key
+
+class AllocationContext:
+    """The dense model and its calibration data, as an allocation may read them before anything is pruned."""
+
+    def __init__(
+        self, model: nn.Module, adapter: ModelAdapter, batches: Sequence[torch.Tensor], progress: bool = True
+    ) -> None:
+        self.model, self.adapter, self.batches, self.progress = model, adapter, batches, progress
+        self.projections: list[Projection] = adapter.all_projections()
+
+    def dense_blocks(self, desc: str) -> Iterator[BlockContext]:
+        """Every block in order, on the dense model's activations (layer-streamed: one block's inputs held)."""
+        stream = InputStream(self.model, self.adapter, self.batches, sequential=False)
+        for layer in tqdm(range(self.adapter.num_layers), desc=desc, disable=not self.progress):
+            yield BlockContext(self.adapter, layer, stream)
+
+
+class Allocation(Component):
+    """Base of every allocation: ``allocate(context, target) -> Budget``."""
 
     @abstractmethod
-    def sparsities(self, outlier_ratios: dict[str, float], target: float) -> dict[str, float]:
-        """Per-group sparsity before exact renormalisation."""
+    def allocate(self, context: AllocationContext, target: float) -> Budget:
+        """Per-projection sparsities averaging about ``target`` (renormalised exactly afterwards)."""
 
 
 class OutlierWeighted(Allocation):
-    """OWL's rule, shared by OWL (groups = layers) and Mosaic POD (groups = projections).
+    """Allocations from outlier ratios (OWL, Mosaic): the share of Wanda scores ``|W| * ||X||`` above
+    ``threshold`` times their group's mean, measured on the dense model.
 
-    Outlier ratio ``D_g`` = share of Wanda scores above ``threshold * mean`` in the group. Normalised to
-    ``[0, 2*lam]``, centred, and subtracted from the target: groups with more outliers are pruned less.
+    Args:
+        threshold: OWL's ``M`` (Mosaic's README: 5).
+        lam: spread: normalised ratios span ``[0, 2 * lam]`` (OWL and Mosaic: 0.08).
     """
 
     def __init__(self, threshold: float = 5.0, lam: float = 0.08) -> None:
-        if threshold <= 0:
-            raise ValueError(f"outlier threshold={threshold}; must be > 0 (OWL uses 3..7, often 5)")
-        if not 0 <= lam < 0.5:
-            raise ValueError(f"lam={lam}; allowed values: 0 <= lam < 0.5 (OWL uses ~0.08)")
-        self.threshold, self.lam = threshold, lam
+        if not (isinstance(threshold, int | float) and math.isfinite(threshold) and threshold > 0):
+            raise ValueError(f"outlier threshold={threshold!r}; must be a finite number > 0 (OWL uses 3..7, often 5)")
+        if not (isinstance(lam, int | float) and math.isfinite(lam) and 0 <= lam < 0.5):
+            raise ValueError(f"lam={lam!r}; allowed values: 0 <= lam < 0.5 (OWL and Mosaic use 0.08)")
+        self.threshold, self.lam = float(threshold), float(lam)
 
-    @property
-    def needs_profile(self) -> bool:
-        return True
+    def outlier_profile(
+        self, context: AllocationContext, groups: Callable[[Projection], list[str]]
+    ) -> dict[str, float]:
+        """Outlier ratio of every group; a projection may belong to several groups, all within its layer."""
+        ratios: dict[str, float] = {}
+        for block in context.dense_blocks("outlier profile"):
+            scores = {}
+            for proj in block.projections:
+                with block.gathered(proj):
+                    scores[proj.key] = wanda_scores(proj.weight_view(), block.stats(proj).column_norms)
+            members = {p.key: groups(p) for p in block.projections}
+            ratios.update(outlier_ratios(scores, members, self.threshold))
+        return ratios
 
-    def sparsities(self, outlier_ratios: dict[str, float], target: float) -> dict[str, float]:
-        ratios = torch.tensor(list(outlier_ratios.values()), dtype=torch.float64)
-        spread = ratios.max() - ratios.min()
-        if spread <= 0:
-            return dict.fromkeys(outlier_ratios, target)
-        norm = (ratios - ratios.min()) / spread * (2 * self.lam)
-        sparsity = target - (norm - norm.mean())
-        return dict(zip(outlier_ratios, sparsity.tolist(), strict=True))
+
+def minmax_spread(values: torch.Tensor, lam: float) -> torch.Tensor:
+    """``2 * lam * (v - min) / (max - min)`` (zeros when all values are equal): OWL's normalisation."""
+    spread = values.max() - values.min()
+    if spread <= 0:
+        return torch.zeros_like(values)
+    return (values - values.min()) / spread * (2 * lam)
 
 
-def outlier_ratios(
-    scores: dict[str, torch.Tensor], groups: dict[str, str], threshold: float
-) -> dict[str, float]:
-    """Per group: fraction of scores above ``threshold *`` the group's mean score."""
+def outlier_ratios(scores: dict[str, torch.Tensor], groups: dict[str, list[str]], threshold: float) -> dict[str, float]:
+    """Per group: fraction of scores above ``threshold *`` the group's mean score (``groups``: key -> its groups)."""
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     for key, s in scores.items():
-        g = groups[key]
-        sums[g] = sums.get(g, 0.0) + float(s.double().sum())
-        counts[g] = counts.get(g, 0) + s.numel()
+        for g in groups[key]:
+            sums[g] = sums.get(g, 0.0) + float(s.double().sum())
+            counts[g] = counts.get(g, 0) + s.numel()
     above: dict[str, int] = dict.fromkeys(sums, 0)
     for key, s in scores.items():
-        g = groups[key]
-        above[g] += int((s > threshold * sums[g] / counts[g]).sum())
+        for g in groups[key]:
+            above[g] += int((s > threshold * sums[g] / counts[g]).sum())
     return {g: above[g] / counts[g] for g in sums}
 
 

@@ -1,12 +1,12 @@
-"""Uniform allocation: every projection at the target sparsity."""
+"""Uniform allocation: every projection at the target sparsity; measures nothing."""
 
 from __future__ import annotations
 
-from .base import Allocation
+from .base import Allocation, AllocationContext, Budget
 
 
 class Uniform(Allocation):
     name = "uniform"
 
-    def sparsities(self, outlier_ratios: dict[str, float], target: float) -> dict[str, float]:
-        return dict.fromkeys(outlier_ratios, target)
+    def allocate(self, context: AllocationContext, target: float) -> Budget:
+        return Budget(dict.fromkeys((p.key for p in context.projections), target))

@@ -11,8 +11,9 @@ from ..compact import compact_model
 from ..consolidate import consolidated_copy
 from ..export import check_export_dir, save_pruned
 from ..report import PruningReport
+from ..trainer_access import causal_lm, find_callback
 from ..zero import deepspeed_engine
-from .mosaic_pruning import MosaicPruning, causal_lm
+from .mosaic_pruning import MosaicPruning
 
 
 class CompactOnFitEnd(L.Callback):
@@ -38,7 +39,7 @@ class CompactOnFitEnd(L.Callback):
         self.model: nn.Module | None = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        pruning = next((cb for cb in trainer.callbacks if isinstance(cb, MosaicPruning)), None)
+        pruning = find_callback(trainer, MosaicPruning)
         if pruning is None or pruning.masks is None:
             raise RuntimeError("CompactOnFitEnd needs a MosaicPruning callback that has pruned the model")
         self.model = final_model(trainer, pl_module, pruning)
@@ -63,7 +64,7 @@ def final_model(
     if model is None or not pruning.structure or (live and pruning.compacted):
         return model
     if live:
-        pruning.masks.apply_(model)
+        pruning.masks.enforce_(model)
         pruning.compacted = True
     _compact_and_record(model, pruning.structure, pruning.report, probe)
     return model

@@ -37,8 +37,9 @@ from torch import nn
 from ..adapters import CANONICAL_NAMES, ModelAdapter
 from ..export import atomic_directory, check_export_dir
 from ..masks import MaskStore, canonical_name
+from ..trainer_access import causal_lm, find_callback
 from ..zero import deepspeed_engine, full_shape, gathered_params
-from .mosaic_pruning import MosaicPruning, build_model_now, causal_lm
+from .mosaic_pruning import MosaicPruning, build_model_now
 
 _MODEL_ATTR = "model"  # where the LightningModule keeps the HF model; the checkpoint keys start with it
 
@@ -231,7 +232,7 @@ def _numel(param: torch.Tensor) -> int:
 
 
 def _find_pruning(trainer: L.Trainer) -> MosaicPruning:
-    pruning = next((cb for cb in trainer.callbacks if isinstance(cb, MosaicPruning)), None)
+    pruning = find_callback(trainer, MosaicPruning)
     if pruning is None:
         raise RuntimeError("LoRARecovery needs a MosaicPruning callback in trainer.callbacks (it adapts its masks)")
     if not getattr(pruning.schedule, "prunes_at_fit_start", False):

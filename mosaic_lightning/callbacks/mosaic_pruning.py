@@ -11,16 +11,19 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from ..allocation import Allocation
 from ..config import PruningConfig
 from ..engine import PruningOutcome, prune_model
 from ..masks import MaskStore
+from ..methods import PruningMethod
 from ..report import PruningReport
 from ..schedules import OneShot, Schedule
-from ..zero import apply_masks_, deepspeed_engine, sync_master_
+from ..trainer_access import causal_lm
+from ..zero import deepspeed_engine
 
 
 class MosaicPruning(L.Callback):
-    """Mosaic projection pruning (and Wanda, SparseGPT, magnitude, OWL) as a Lightning callback.
+    """Mosaic projection pruning (and any method x allocation) as a Lightning callback.
 
     By default the model is pruned one-shot at fit start from calibration batches (layer-streamed); other
     schedules prune at a given step or gradually during training. After every
@@ -32,17 +35,19 @@ class MosaicPruning(L.Callback):
 
     Args:
         sparsity: fraction of targeted projection weights to prune, parameter-weighted, in [0, 1).
-        method: ``wanda``, ``sparsegpt`` or ``magnitude``.
-        allocation: ``mosaic`` (per-projection POD), ``mosaic-typed`` (POD relative to each projection type's
-            mean), ``owl`` (per layer) or ``uniform``.
+        method: which weights: ``sparsegpt`` (default, as published Mosaic), ``wanda``, ``magnitude``, ``random``,
+            or any :class:`~mosaic_lightning.methods.PruningMethod` (``class_path``/``init_args`` in recipes);
+            its options are its own arguments, e.g. ``SparseGPT(damp=0.01, mask_scope="block")``.
+        allocation: how much per projection: ``mosaic`` (default: the published Mosaic formula), ``owl`` (per
+            layer), ``uniform``, or any :class:`~mosaic_lightning.allocation.Allocation` (outlier ``threshold``
+            and ``lam`` are OWL's/Mosaic's arguments).
         pattern: ``unstructured``, ``unstructured-layer`` or ``N:M`` (``2:4``, ``4:8``).
         targets, exclude: projections by short name (q,k,v,o,gate,up,down) or module-name regex.
         min_sparsity, max_sparsity: bounds on any projection's sparsity (non-uniform allocations).
-        outlier_threshold, owl_lambda: outlier multiple and spread of OWL / Mosaic POD.
-        sparsegpt_blocksize, sparsegpt_damp: SparseGPT settings.
         structured_fraction: share of the pruned weights removed as whole MLP channels / attention heads
             (composite pruning; compact them with ``CompactOnFitEnd`` or ``compact_model``).
         structured_units: unit kinds, ``mlp`` and/or ``heads``.
+        structure_lambda: spread of the per-layer unit removal (OWL's rule on unit groups).
         uniform_structure: same kept sizes in every layer, so plain ``from_pretrained`` loads the compacted model.
         sequential: calibrate block l on blocks < l as pruned (default, as the reference methods); False uses
             dense activations, one pass per block (faster).
@@ -57,19 +62,16 @@ class MosaicPruning(L.Callback):
     def __init__(
         self,
         sparsity: float = 0.5,
-        method: str = "wanda",
-        allocation: str = "mosaic",
+        method: str | PruningMethod = "sparsegpt",
+        allocation: str | Allocation = "mosaic",
         pattern: str = "unstructured",
         targets: list[str] | None = None,
         exclude: list[str] | None = None,
         min_sparsity: float = 0.0,
         max_sparsity: float = 0.99,
-        outlier_threshold: float = 5.0,
-        owl_lambda: float = 0.08,
-        sparsegpt_blocksize: int = 128,
-        sparsegpt_damp: float = 0.01,
         structured_fraction: float = 0.0,
         structured_units: list[str] | None = None,
+        structure_lambda: float = 0.08,
         uniform_structure: bool = False,
         sequential: bool = True,
         schedule: Schedule | None = None,
@@ -87,12 +89,9 @@ class MosaicPruning(L.Callback):
             exclude=list(exclude or []),
             min_sparsity=min_sparsity,
             max_sparsity=max_sparsity,
-            outlier_threshold=outlier_threshold,
-            owl_lambda=owl_lambda,
-            sparsegpt_blocksize=sparsegpt_blocksize,
-            sparsegpt_damp=sparsegpt_damp,
             structured_fraction=structured_fraction,
             structured_units=list(structured_units or ["mlp", "heads"]),
+            structure_lambda=structure_lambda,
             uniform_structure=uniform_structure,
             sequential=sequential,
         )
@@ -112,10 +111,10 @@ class MosaicPruning(L.Callback):
 
     # -- loop events ------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.schedule.check_run(trainer)
+        self.schedule.check_run(self, trainer)
         model = causal_lm(pl_module)
         if self.masks is not None:  # restored from a checkpoint or pruned in an earlier fit
-            self.masks.apply_(model)
+            self.masks.enforce_(model)
             return
         if trainer.ckpt_path is not None:  # state arrives with the checkpoint (DeepSpeed restores after this)
             return
@@ -126,15 +125,13 @@ class MosaicPruning(L.Callback):
         if self.schedule.prunes_at_fit_start and self.masks is None:
             raise RuntimeError("MosaicPruning: resumed from a checkpoint that holds no pruning masks")
         model = causal_lm(pl_module)
-        if deepspeed_engine(trainer) is not None:
-            # DeepSpeed: its ZeRO optimizer is no torch Optimizer (no step hooks) and steps fp32 master copies;
-            # masks are re-applied to those from on_train_batch_end, after Lightning's deepspeed_engine.step().
-            self._ds_step = -1
-            if self.masks is not None:
-                apply_masks_(self.masks, model)
-            return
         if self.masks is not None:
-            self.masks.apply_(model)
+            self.masks.enforce_(model, trainer.optimizers)
+        if deepspeed_engine(trainer) is not None:
+            # DeepSpeed's ZeRO optimizer is no torch Optimizer (no step hooks): masks are re-applied from
+            # on_train_batch_end, after Lightning's deepspeed_engine.step().
+            self._ds_step = -1
+            return
         for optimizer in trainer.optimizers:
             self._hooks.append(optimizer.register_step_post_hook(self._after_step_hook(model)))
 
@@ -150,7 +147,7 @@ class MosaicPruning(L.Callback):
             # DeepSpeed stepped (once per accumulation boundary): zero pruned entries in the visible weights,
             # the fp32 master partitions and the Adam moments, each rank its own share.
             self._ds_step = engine.global_steps
-            apply_masks_(self.masks, causal_lm(pl_module))
+            self.masks.enforce_(causal_lm(pl_module))
         self.schedule.on_train_batch_end(self, trainer, causal_lm(pl_module))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -162,8 +159,7 @@ class MosaicPruning(L.Callback):
     def _after_step_hook(self, model: nn.Module):
         def hook(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
             if self.masks is not None:
-                self.masks.apply_(model)
-                self.masks.zero_optimizer_state_(optimizer, model)
+                self.masks.enforce_(model, [optimizer])
 
         return hook
 
@@ -178,11 +174,7 @@ class MosaicPruning(L.Callback):
         """Take masks, report and structure as the current pruning (from ``prune`` or a schedule's own solver,
         e.g. ADMM), so every source clears moments, logs and reports the same way."""
         self.masks, self.report, self.structure = outcome.masks, outcome.report, outcome.structure
-        if deepspeed_engine(trainer) is not None:  # the optimizer holds fp32 masters: write the pruned model there
-            sync_master_(self.masks, model)
-        else:
-            for optimizer in trainer.optimizers:
-                self.masks.zero_optimizer_state_(optimizer, model)
+        self.masks.adopt_(model, trainer.optimizers)  # DeepSpeed: the pruned weights into its fp32 masters too
         for logger in trainer.loggers:
             logger.log_metrics({"pruning/achieved_sparsity": self.report.achieved_sparsity}, step=trainer.global_step)
         if self.verbose:
@@ -218,19 +210,6 @@ class MosaicPruning(L.Callback):
             self.masks.load_state_dict(state_dict["masks"])
         self.structure = state_dict.get("structure", {})
         self.schedule.load_state_dict(state_dict.get("schedule", {}))
-
-
-def causal_lm(pl_module: L.LightningModule) -> nn.Module:
-    """The Hugging Face model inside a LightningModule (``.model``), or the module itself."""
-    model = getattr(pl_module, "model", None)
-    if isinstance(model, nn.Module) and hasattr(model, "config"):
-        return model
-    if hasattr(pl_module, "config"):
-        return pl_module
-    raise TypeError(
-        f"{type(pl_module).__name__} exposes no Hugging Face causal LM: set it as `self.model` "
-        "(see mosaic_lightning.CausalLM)"
-    )
 
 
 def build_model_now(trainer: L.Trainer, pl_module: L.LightningModule) -> None:

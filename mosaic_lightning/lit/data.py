@@ -32,7 +32,7 @@ class TextDataModule(L.LightningDataModule):
     Args:
         tokenizer: tokenizer source (hub id, local dir or ``bundled:smollm2-135m``); the CLI links it to
             ``model.pretrained``.
-        train_files, eval_files: UTF-8 text files; documents are joined with a blank line.
+        train_files, eval_files: UTF-8 text files (one path or a list); documents are joined with a blank line.
         seq_len: tokens per window.
         batch_size: windows per training/evaluation batch.
         num_calibration_samples: windows drawn (seeded) from the training text for calibration.
@@ -43,8 +43,8 @@ class TextDataModule(L.LightningDataModule):
     def __init__(
         self,
         tokenizer: str = BUNDLED_MODEL,
-        train_files: list[str] | None = None,
-        eval_files: list[str] | None = None,
+        train_files: list[str] | str | None = None,
+        eval_files: list[str] | str | None = None,
         seq_len: int = 512,
         batch_size: int = 4,
         num_calibration_samples: int = 128,
@@ -58,6 +58,9 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size={batch_size}; must be >= 1")
         if num_calibration_samples < 1:
             raise ValueError(f"num_calibration_samples={num_calibration_samples}; must be >= 1")
+        if max_eval_windows is not None and max_eval_windows < 1:
+            raise ValueError(f"max_eval_windows={max_eval_windows}; must be >= 1 (or null for all windows)")
+        train_files, eval_files = _as_list(train_files), _as_list(eval_files)
         if (train_files is None) != (eval_files is None):
             raise ValueError("give both train_files and eval_files, or neither (bundled Wikipedia sample)")
         self.save_hyperparameters()
@@ -74,8 +77,8 @@ class TextDataModule(L.LightningDataModule):
             train_docs, eval_docs = wikipedia_split()
         else:
             train_docs, eval_docs = (
-                _read_files(hp.train_files, "train_files"),
-                _read_files(hp.eval_files, "eval_files"),
+                _read_files(_as_list(hp.train_files), "train_files"),
+                _read_files(_as_list(hp.eval_files), "eval_files"),
             )
         self.train_set = TokenWindows(self._tokenize(train_docs), hp.seq_len)
         self.eval_set = TokenWindows(self._tokenize(eval_docs), hp.seq_len)
@@ -110,6 +113,11 @@ class TextDataModule(L.LightningDataModule):
         )
         windows = self.train_set.windows[order[:n]]
         return list(windows.split(self.hparams.batch_size))
+
+
+def _as_list(paths: list[str] | str | None) -> list[str] | None:
+    """A single path works where a list is expected (``--data.train_files x.txt``)."""
+    return [paths] if isinstance(paths, str) else paths
 
 
 def _read_files(paths: list[str], field_name: str) -> list[str]:

@@ -1,19 +1,20 @@
-"""Pruning methods by name. A new method is a new file here plus one line in :data:`METHODS`."""
+"""Pruning methods (*which weights*). A new method is one new file here: a :class:`PruningMethod` subclass with
+a ``name`` shorthand; a user's own subclass elsewhere works through ``class_path``."""
 
 from __future__ import annotations
 
 from .base import PruneResult, PruningMethod
 from .magnitude import Magnitude
+from .random_scores import RandomScores
 from .sparsegpt import SparseGPT
 from .wanda import Wanda
 
-METHODS: dict[str, type[PruningMethod]] = {m.name: m for m in (Magnitude, Wanda, SparseGPT)}
+
+def resolve_method(value, field: str = "method") -> PruningMethod:
+    """A method from a shorthand (``"wanda"``), ``{"class_path", "init_args"}`` or an instance."""
+    from ..components import resolve
+
+    return resolve(value, PruningMethod, __name__, field)
 
 
-def build_method(name: str, **options) -> PruningMethod:
-    if name not in METHODS:
-        raise ValueError(f"method={name!r}; allowed values: {sorted(METHODS)}")
-    return METHODS[name](**options)
-
-
-__all__ = ["METHODS", "Magnitude", "PruneResult", "PruningMethod", "SparseGPT", "Wanda", "build_method"]
+__all__ = ["Magnitude", "PruneResult", "PruningMethod", "RandomScores", "SparseGPT", "Wanda", "resolve_method"]

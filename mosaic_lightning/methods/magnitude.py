@@ -1,16 +1,15 @@
-"""Magnitude pruning: ``|W|``. Needs no calibration data; the baseline every method must beat."""
+"""Magnitude pruning: ``|W|``. Reads no statistics, so it costs no forward pass; the baseline every method must beat."""
 
 from __future__ import annotations
 
 import torch
 
-from ..stats import InputStatistics
+from ..block import ProjectionStatistics
 from .base import PruningMethod
 
 
 class Magnitude(PruningMethod):
     name = "magnitude"
-    needs_calibration = False
 
-    def scores(self, weight: torch.Tensor, stats: InputStatistics | None) -> torch.Tensor:
+    def scores(self, weight: torch.Tensor, stats: ProjectionStatistics) -> torch.Tensor:
         return weight.abs().float()

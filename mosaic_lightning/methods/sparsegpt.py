@@ -3,16 +3,29 @@
 Columns are walked in blocks; in each block the mask is chosen by ``w^2 / [H^-1]_jj^2`` (lazily per group of
 M columns for N:M, as in the reference implementation), and each pruned column's error is spread over the
 columns not yet visited through the inverse-Hessian's Cholesky factor.
+
+Mask selection for unstructured patterns (``mask_scope``):
+
+- ``"row"`` (default): within each column block, every output row loses its share of the block's count, under
+  the configured pattern (per-row, as Wanda compares): each row ends with the same sparsity.
+- ``"block"``: within each column block, the lowest scores over *all rows* go, as the reference code does
+  (``thresh = sort(tmp.flatten())[int(tmp.numel() * sparsity)]``). Rows then differ in sparsity.
+
+Deliberate difference from the reference in both: each block prunes an exact integer share of the projection's
+planned count (split in proportion to block widths), not ``int(numel * sparsity)`` plus threshold ties, so the
+achieved sparsity equals the plan to the weight.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..patterns import NM, Pattern
-from ..stats import InputStatistics
+from ..block import ProjectionStatistics
+from ..patterns import NM, Pattern, Unstructured
 from .base import PruneResult, PruningMethod
 from .wanda import wanda_scores
+
+MASK_SCOPES = ("row", "block")
 
 
 def split_exact(total: int, weights: list[int]) -> list[int]:
@@ -78,20 +91,31 @@ class SparseGPT(PruningMethod):
     name = "sparsegpt"
     needs_hessian = True
 
-    def __init__(self, blocksize: int = 128, damp: float = 0.01) -> None:
-        if blocksize < 1:
-            raise ValueError(f"sparsegpt blocksize={blocksize}; must be a positive integer")
+    """SparseGPT; see the module docstring.
+
+    Args:
+        blocksize: columns per lazy-update block (reference: 128).
+        damp: Hessian damping relative to its mean diagonal (reference: 0.01).
+        mask_scope: ``"row"`` (each row pruned equally, default) or ``"block"`` (lowest scores over all rows of
+            each column block, as the reference code). N:M patterns choose per group of M either way.
+    """
+
+    def __init__(self, blocksize: int = 128, damp: float = 0.01, mask_scope: str = "row") -> None:
+        if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+            raise ValueError(f"sparsegpt blocksize={blocksize!r}; must be a positive integer")
         if not 0 < damp < 1:
             raise ValueError(f"sparsegpt damp={damp}; allowed values: 0 < damp < 1")
-        self.blocksize, self.damp = blocksize, damp
+        if mask_scope not in MASK_SCOPES:
+            raise ValueError(f"sparsegpt mask_scope={mask_scope!r}; allowed values: {list(MASK_SCOPES)}")
+        self.blocksize, self.damp, self.mask_scope = blocksize, damp, mask_scope
 
-    def scores(self, weight: torch.Tensor, stats: InputStatistics) -> torch.Tensor:
-        # Outlier profiles (OWL, Mosaic POD) use Wanda scores for every method, as OWL-SparseGPT does.
+    def scores(self, weight: torch.Tensor, stats: ProjectionStatistics) -> torch.Tensor:
+        # Unit scores of composite pruning use Wanda scores, as OWL-SparseGPT does for its profile.
         return wanda_scores(weight, stats.column_norms)
 
-    def prune(
-        self, weight: torch.Tensor, stats: InputStatistics, pattern: Pattern, num_prune: int
-    ) -> PruneResult:
+    def prune(self, weight: torch.Tensor, stats: ProjectionStatistics, pattern: Pattern, num_prune: int) -> PruneResult:
         if isinstance(pattern, NM) and self.blocksize % pattern.m:
             raise ValueError(f"sparsegpt blocksize={self.blocksize} must be a multiple of M={pattern.m}")
+        if self.mask_scope == "block" and isinstance(pattern, Unstructured):
+            pattern = Unstructured("layer")  # applied to each column block: all its rows compete
         return sparsegpt_prune(weight, stats.hessian, pattern, num_prune, self.blocksize, self.damp)

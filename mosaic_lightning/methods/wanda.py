@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..stats import InputStatistics
+from ..block import ProjectionStatistics
 from .base import PruningMethod
 
 
@@ -15,5 +15,5 @@ def wanda_scores(weight: torch.Tensor, column_norms: torch.Tensor) -> torch.Tens
 class Wanda(PruningMethod):
     name = "wanda"
 
-    def scores(self, weight: torch.Tensor, stats: InputStatistics) -> torch.Tensor:
+    def scores(self, weight: torch.Tensor, stats: ProjectionStatistics) -> torch.Tensor:
         return wanda_scores(weight, stats.column_norms)

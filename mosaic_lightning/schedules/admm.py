@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
@@ -35,16 +34,15 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from ..adapters import ModelAdapter, Projection
-from ..allocation import exact_counts, outlier_ratios
+from ..allocation import Uniform
 from ..config import PruningConfig
-from ..engine import PruningOutcome, commit_masks, projection_report
+from ..engine import PruningOutcome, commit_masks, plan_pruning, projection_report
+from ..methods import Magnitude
 from ..patterns import Pattern
 from ..report import PruningReport
+from ..trainer_access import causal_lm
 from ..zero import add_to_grad_, deepspeed_engine, full_fp32
-from .base import Schedule
-
-if TYPE_CHECKING:
-    from ..callbacks.mosaic_pruning import MosaicPruning
+from .base import PruningHost, Schedule
 
 _UNSUPPORTED_STRATEGIES = (FSDPStrategy, ModelParallelStrategy)
 
@@ -57,29 +55,6 @@ def sparse_projection(x: torch.Tensor, num_prune: int, pattern: Pattern) -> tupl
     """
     keep = pattern.keep_mask(x.abs(), num_prune)
     return x.masked_fill(~keep, 0), keep
-
-
-def prune_counts(adapter: ModelAdapter, config: PruningConfig) -> tuple[dict[str, int], dict[str, float]]:
-    """Exact prune counts by projection key, and outlier ratios (non-uniform allocations only).
-
-    ``uniform`` gives every projection ``config.sparsity`` (as the engine plans it). ``owl``/``mosaic`` need
-    outlier ratios; ADMM has no calibration pass, so they are measured on magnitudes ``|W|`` (not the engine's
-    Wanda scores), one group at a time to bound memory.
-    """
-    allocation = config.build_allocation()
-    projs = adapter.all_projections()
-    groups = {p.key: allocation.group(p) for p in projs}
-    ratios: dict[str, float] = {}
-    if allocation.needs_profile:
-        with torch.no_grad():
-            for group in dict.fromkeys(groups.values()):
-                scores = {p.key: weight_of(p).abs() for p in projs if groups[p.key] == group}
-                ratios.update(outlier_ratios(scores, groups, config.outlier_threshold))
-    group_sparsity = allocation.sparsities({g: ratios.get(g, 0.0) for g in groups.values()}, config.sparsity)
-    bounds = (0.0, 1.0) if allocation.name == "uniform" else (config.min_sparsity, config.max_sparsity)
-    sizes = {p.key: p.numel for p in projs}
-    counts = exact_counts(sizes, {k: group_sparsity[groups[k]] for k in sizes}, config.sparsity, *bounds)
-    return counts, {k: ratios[groups[k]] for k in sizes if groups[k] in ratios}
 
 
 class ADMM(Schedule):
@@ -129,14 +104,13 @@ class ADMM(Schedule):
         return self.started_at is not None and not self.finished
 
     # -- checks ------------------------------------------------------------------------------------------
-    def check_run(self, trainer: L.Trainer) -> None:
+    def check_run(self, callback: PruningHost, trainer: L.Trainer) -> None:
         if isinstance(trainer.strategy, _UNSUPPORTED_STRATEGIES):
             raise ValueError(
                 f"ADMM supports a single device, DDP and DeepSpeed; strategy={type(trainer.strategy).__name__} "
                 "is not supported"
             )
-        callback = _owner(self, trainer)
-        if callback is not None and not self.finished:
+        if not self.finished:
             self._check_model(callback, trainer)
         self._check_steps(trainer)
 
@@ -151,10 +125,8 @@ class ADMM(Schedule):
                 f"(trainer.max_steps={max_steps}); lower start_step or raise max_steps"
             )
 
-    def _check_model(self, callback: MosaicPruning, trainer: L.Trainer) -> None:
+    def _check_model(self, callback: PruningHost, trainer: L.Trainer) -> None:
         """Fail at fit start, before any step, on a configuration the ADMM solver cannot honour."""
-        from ..callbacks.mosaic_pruning import causal_lm  # the callbacks package imports schedules
-
         config = callback.config
         if config.structured:
             raise ValueError(
@@ -162,7 +134,7 @@ class ADMM(Schedule):
                 "only; composite pruning is not supported with it (set structured_fraction=0)"
             )
         self._check_projections(self._adapter_for(causal_lm(trainer.lightning_module), config), config)
-        if config.method != "magnitude":
+        if not isinstance(config.method, Magnitude):
             rank_zero_warn(f"ADMM projects by magnitude |W + U|; method={config.method!r} is not used")
 
     def _check_projections(self, adapter: ModelAdapter, config: PruningConfig) -> None:
@@ -183,13 +155,13 @@ class ADMM(Schedule):
             )
 
     # -- loop events -------------------------------------------------------------------------------------
-    def on_train_batch_start(self, callback, trainer: L.Trainer, model: nn.Module, batch) -> None:
+    def on_train_batch_start(self, callback: PruningHost, trainer: L.Trainer, model: nn.Module, batch) -> None:
         if self.started_at is None and not self.finished and trainer.global_step >= self.start_step:
             clock = time.perf_counter()
-            self._start(callback.config, model, trainer.global_step)
+            self._start(callback, trainer, model)
             self.seconds += time.perf_counter() - clock
 
-    def on_after_backward(self, callback, trainer: L.Trainer, model: nn.Module) -> None:
+    def on_after_backward(self, callback: PruningHost, trainer: L.Trainer, model: nn.Module) -> None:
         if not self.active:
             return
         engine = deepspeed_engine(trainer)
@@ -199,7 +171,7 @@ class ADMM(Schedule):
         self._add_penalty_grad(self._adapter_for(model, callback.config), _grad_scale(trainer, engine))
         self.seconds += time.perf_counter() - clock
 
-    def on_train_batch_end(self, callback, trainer: L.Trainer, model: nn.Module) -> None:
+    def on_train_batch_end(self, callback: PruningHost, trainer: L.Trainer, model: nn.Module) -> None:
         if not self.active:
             return
         step = trainer.global_step
@@ -211,20 +183,29 @@ class ADMM(Schedule):
         if self._end is not None and step >= self._end:
             self._finish(callback, trainer, model)
 
-    def on_train_end(self, callback, trainer: L.Trainer, model: nn.Module) -> None:
+    def on_train_end(self, callback: PruningHost, trainer: L.Trainer, model: nn.Module) -> None:
         if not self.finished:
             self._finish(callback, trainer, model)
 
     # -- the ADMM steps ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _start(self, config: PruningConfig, model: nn.Module, step: int) -> None:
+    def _start(self, callback: PruningHost, trainer: L.Trainer, model: nn.Module) -> None:
         """``Z = Proj(W)``, ``U = 0``, with the exact counts fixed for the whole run."""
+        config = callback.config
         adapter, pattern = self._adapter_for(model, config), config.build_pattern()
-        self.counts, self.ratios = prune_counts(adapter, config)
+        self._plan(callback, trainer, model, adapter)
         for proj in adapter.all_projections():
             self.z[proj.key], _ = sparse_projection(weight_of(proj), self.counts[proj.key], pattern)
             self.u[proj.key] = torch.zeros_like(self.z[proj.key])
-        self.started_at = self.last_projection_step = step
+        self.started_at = self.last_projection_step = trainer.global_step
+
+    def _plan(self, callback: PruningHost, trainer: L.Trainer, model: nn.Module, adapter: ModelAdapter) -> None:
+        """Exact counts from the engine's planner: the callback's allocation, measured on its calibration batches
+        (only an allocation that reads data, e.g. OWL or Mosaic, runs a calibration pass)."""
+        config = callback.config
+        batches = [] if isinstance(config.allocation, Uniform) else callback.calibration_batches(trainer)
+        plan = plan_pruning(model, adapter, batches, config, progress=False)
+        self.counts, self.ratios = plan.counts, plan.ratios
 
     @torch.no_grad()
     def _add_penalty_grad(self, adapter: ModelAdapter, scale: float) -> None:
@@ -250,7 +231,7 @@ class ADMM(Schedule):
         self.num_projections += 1
 
     @torch.no_grad()
-    def _finish(self, callback: MosaicPruning, trainer: L.Trainer, model: nn.Module) -> None:
+    def _finish(self, callback: PruningHost, trainer: L.Trainer, model: nn.Module) -> None:
         """Hard-prune to the support of ``Proj(W)`` and hand masks and report to the callback.
 
         ``Proj(W)`` rather than ``Proj(W + U)``: it is the feasible point nearest to the weights the loss was
@@ -263,7 +244,7 @@ class ADMM(Schedule):
         pattern = config.build_pattern()
         if self.started_at is None:  # the run ended before start_step: plain magnitude pruning
             rank_zero_warn(f"ADMM never started (run ended before start_step={self.start_step}); magnitude-pruning")
-            self.counts, self.ratios = prune_counts(adapter, config)
+            self._plan(callback, trainer, model, adapter)
         projs = adapter.all_projections()
         keeps = {p.key: sparse_projection(weight_of(p), self.counts[p.key], pattern)[1] for p in projs}
         metrics = self._diagnostics(adapter, keeps)
@@ -352,11 +333,6 @@ class ADMM(Schedule):
 def _check_int(name: str, value, minimum: int, allowed: str | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}={value!r}; allowed values: {allowed or f'an integer >= {minimum}'}")
-
-
-def _owner(schedule: Schedule, trainer: L.Trainer) -> MosaicPruning | None:
-    """The callback driving ``schedule`` (schedules get the trainer, not the callback, in ``check_run``)."""
-    return next((cb for cb in trainer.callbacks if getattr(cb, "schedule", None) is schedule), None)
 
 
 def _grad_scale(trainer: L.Trainer, engine=None) -> float:

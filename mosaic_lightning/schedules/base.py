@@ -7,14 +7,28 @@ plain classes with typed ``__init__`` arguments, so recipes select them with ``c
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import lightning as L
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from ..callbacks.mosaic_pruning import MosaicPruning
+from ..config import PruningConfig
+from ..engine import PruningOutcome
+from ..masks import MaskStore
+
+
+class PruningHost(Protocol):
+    """What a schedule may use of the callback driving it (``MosaicPruning``); no import of the callback."""
+
+    config: PruningConfig
+    masks: MaskStore | None
+
+    def prune(self, trainer: L.Trainer, model: nn.Module, sparsity: float, batches: list[torch.Tensor]) -> None: ...
+
+    def adopt(self, trainer: L.Trainer, model: nn.Module, outcome: PruningOutcome) -> None: ...
+
+    def calibration_batches(self, trainer: L.Trainer) -> list[torch.Tensor]: ...
 
 
 class Schedule:
@@ -23,23 +37,23 @@ class Schedule:
     def validate(self, final_sparsity: float) -> None:
         """Raise on arguments that contradict the callback's (checked in the callback's ``__init__``)."""
 
-    def check_run(self, trainer: L.Trainer) -> None:
+    def check_run(self, callback: PruningHost, trainer: L.Trainer) -> None:
         """Raise when the schedule does not fit the run (e.g. a step range beyond ``max_steps``)."""
 
     @property
     def prunes_at_fit_start(self) -> bool:
         return False
 
-    def on_train_batch_start(self, callback: MosaicPruning, trainer: L.Trainer, model: nn.Module, batch) -> None:
+    def on_train_batch_start(self, callback: PruningHost, trainer: L.Trainer, model: nn.Module, batch) -> None:
         pass
 
-    def on_after_backward(self, callback: MosaicPruning, trainer: L.Trainer, model: nn.Module) -> None:
+    def on_after_backward(self, callback: PruningHost, trainer: L.Trainer, model: nn.Module) -> None:
         pass
 
-    def on_train_batch_end(self, callback: MosaicPruning, trainer: L.Trainer, model: nn.Module) -> None:
+    def on_train_batch_end(self, callback: PruningHost, trainer: L.Trainer, model: nn.Module) -> None:
         pass
 
-    def on_train_end(self, callback: MosaicPruning, trainer: L.Trainer, model: nn.Module) -> None:
+    def on_train_end(self, callback: PruningHost, trainer: L.Trainer, model: nn.Module) -> None:
         pass
 
     def state_dict(self) -> dict:

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from .base import Schedule, batch_input_ids
+from .base import PruningHost, Schedule, batch_input_ids
 
 
 def cubic_sparsity(step: int, initial: float, final: float, start: int, end: int) -> float:
@@ -65,7 +65,7 @@ class Gradual(Schedule):
                 "schedule only raises sparsity"
             )
 
-    def check_run(self, trainer: L.Trainer) -> None:
+    def check_run(self, callback: PruningHost, trainer: L.Trainer) -> None:
         if trainer.max_steps >= 0 and self.end_step > trainer.max_steps:
             raise ValueError(
                 f"Gradual end_step={self.end_step} lies outside the run (trainer.max_steps={trainer.max_steps})"
@@ -78,7 +78,7 @@ class Gradual(Schedule):
     def sparsity_at(self, step: int, final: float) -> float:
         return cubic_sparsity(step, self.initial_sparsity, final, self.start_step, self.end_step)
 
-    def on_train_batch_start(self, callback, trainer: L.Trainer, model: nn.Module, batch) -> None:
+    def on_train_batch_start(self, callback: PruningHost, trainer: L.Trainer, model: nn.Module, batch) -> None:
         self.recent.append(batch_input_ids(batch).detach().cpu())
         step = trainer.global_step
         if step in self.pruning_steps() and step != self.last_pruned_step:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 from torch import nn
 
-from .base import Schedule
+from .base import PruningHost, Schedule
 
 
 class OneShot(Schedule):
@@ -24,12 +24,12 @@ class OneShot(Schedule):
     def prunes_at_fit_start(self) -> bool:
         return self.at_step == 0
 
-    def check_run(self, trainer: L.Trainer) -> None:
+    def check_run(self, callback: PruningHost, trainer: L.Trainer) -> None:
         if self.at_step > 0 and 0 <= trainer.max_steps <= self.at_step:
             raise ValueError(
                 f"OneShot at_step={self.at_step} lies outside the run (trainer.max_steps={trainer.max_steps})"
             )
 
-    def on_train_batch_start(self, callback, trainer: L.Trainer, model: nn.Module, batch) -> None:
+    def on_train_batch_start(self, callback: PruningHost, trainer: L.Trainer, model: nn.Module, batch) -> None:
         if self.at_step > 0 and trainer.global_step == self.at_step and callback.masks is None:
             callback.prune(trainer, model, callback.config.sparsity, callback.calibration_batches(trainer))

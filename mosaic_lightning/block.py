@@ -1,0 +1,255 @@
+"""What a method or an allocation sees of one decoder block: its inputs and statistics, computed on demand.
+
+The engine streams calibration data block by block (:class:`InputStream`); a :class:`BlockContext` wraps one
+block. Nothing is computed until asked for: a data-free method (magnitude) never triggers a forward pass, Wanda
+triggers one statistics pass without Hessians, SparseGPT one with them, and a block-level method can ask for
+the block's inputs, any submodule's inputs/outputs, or the block's output under candidate weights. So there
+are no ``needs_*`` flags to keep in sync with what a method really reads.
+
+Under DeepSpeed ZeRO-3 every rank runs the same requests in the same order (the methods are deterministic),
+so the collectives inside forwards and statistic reductions line up; weights are read inside
+:meth:`BlockContext.gathered`, one module at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .adapters import ModelAdapter, Projection
+from .calibration import BlockInputs, capture_block_inputs, collect_statistics, run_block, swapped_weights
+from .stats import InputStatistics
+from .zero import gathered
+
+if TYPE_CHECKING:
+    from .patterns import Pattern
+
+
+@dataclass
+class PruneResult:
+    """``keep``: bool ``[out, in]`` mask. ``weight``: updated weights when the method reconstructs (SparseGPT)."""
+
+    keep: torch.Tensor
+    weight: torch.Tensor | None = None
+
+
+class InputStream:
+    """Calibration inputs of one block after another, produced lazily.
+
+    ``sequential``: block ``l`` sees the output of blocks ``< l`` *as pruned* (their pending weights swapped in);
+    otherwise the dense model's activations, reusing a block's dense outputs when a statistics pass kept them.
+    ``pending_weights(layer)`` gives the full parameter values of a pruned block (None while it is dense).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: ModelAdapter,
+        batches: Sequence[torch.Tensor],
+        sequential: bool,
+        pending_weights: Callable[[int], dict[nn.Parameter, torch.Tensor] | None] = lambda layer: None,
+    ) -> None:
+        self.model, self.adapter, self.batches = model, adapter, batches
+        self.sequential, self.pending_weights = sequential, pending_weights
+        self.layer = -1  # block whose inputs ``self._inputs`` are
+        self._inputs: BlockInputs | None = None
+        self._dense_outputs: dict[int, list[torch.Tensor]] = {}
+        self.tokens = 0
+
+    def inputs(self, layer: int) -> BlockInputs:
+        if self._inputs is None:
+            self._inputs = capture_block_inputs(self.model, self.adapter.blocks[0], self.batches)
+            self.layer, self.tokens = 0, self._inputs.tokens
+        if layer < self.layer:
+            raise RuntimeError(f"block {layer}'s inputs were already replaced by block {self.layer}'s")
+        while self.layer < layer:
+            self._inputs.hidden = self._output_of(self.layer)
+            self.layer += 1
+        return self._inputs
+
+    def keep_dense_outputs(self, layer: int) -> bool:
+        """Whether a statistics pass over ``layer`` should keep the block's outputs for the next block."""
+        return not self.sequential and layer not in self._dense_outputs
+
+    def offer_dense_outputs(self, layer: int, outputs: list[torch.Tensor]) -> None:
+        self._dense_outputs[layer] = outputs
+
+    def _output_of(self, layer: int) -> list[torch.Tensor]:
+        block = self.adapter.blocks[layer]
+        if not self.sequential:
+            dense = self._dense_outputs.pop(layer, None)
+            return dense if dense is not None else run_block(block, self._inputs)
+        weights = self.pending_weights(layer)
+        if weights is None:
+            return run_block(block, self._inputs)
+        with swapped_weights(weights):
+            return run_block(block, self._inputs)
+
+
+class BlockContext:
+    """One decoder block while it is pruned (or profiled): its projections, plan and on-demand calibration.
+
+    Attributes:
+        layer: block index. projections: its targeted projections, in execution order.
+        pattern: the sparsity pattern (None while profiling). num_prune: single weights to prune per projection
+            key, after any whole units (structural) are removed.
+    """
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        layer: int,
+        stream: InputStream | None,
+        pattern: Pattern | None = None,
+        num_prune: dict[str, int] | None = None,
+    ) -> None:
+        self.adapter, self.layer, self.stream = adapter, layer, stream
+        self.projections: list[Projection] = adapter.projections(layer)
+        self.pattern = pattern
+        self.num_prune = num_prune or {}
+        self.structural: dict[str, torch.Tensor] = {}  # projection key -> [out, in] keep of the removed units
+        self.seconds: dict[str, float] = {}  # projection key -> time spent pruning it (default path)
+        self._stats: dict[bool, dict[int, InputStatistics]] = {}
+
+    @property
+    def block(self) -> nn.Module:
+        return self.adapter.blocks[self.layer]
+
+    @property
+    def inputs(self) -> BlockInputs:
+        """The block's calibration inputs (hidden states and other arguments, one entry per batch)."""
+        if self.stream is None:
+            raise RuntimeError("this method asked for calibration data, but none was given to prune_model")
+        return self.stream.inputs(self.layer)
+
+    def gathered(self, *projections: Projection, modify: bool = False) -> AbstractContextManager:
+        """Whole weights of these projections' modules for the duration (ZeRO-3; a no-op otherwise)."""
+        return gathered(*{id(p.module): p.module for p in projections}.values(), modify=modify)
+
+    # -- statistics ---------------------------------------------------------------------------------------
+    def statistics(self, hessian: bool = False) -> dict[int, InputStatistics]:
+        """Input statistics of every projection module (by ``id(module)``), summed over ranks; one pass."""
+        if True in self._stats:
+            return self._stats[True]
+        if hessian not in self._stats:
+            modules = [(self.adapter.module_name(p), p.module) for p in self._unique_modules()]
+            keep = self.stream is not None and self.stream.keep_dense_outputs(self.layer)
+            stats, outputs = collect_statistics(self.block, modules, self.inputs, hessian, keep_outputs=keep)
+            if outputs is not None:
+                self.stream.offer_dense_outputs(self.layer, outputs)
+            for stat in stats.values():
+                stat.all_reduce()  # under DDP every rank calibrates on its own share; all see the sum
+            self._stats[hessian] = stats
+        return self._stats[hessian]
+
+    def stats(self, proj: Projection) -> ProjectionStatistics:
+        """The projection's input statistics, computed only when a method reads them."""
+        return ProjectionStatistics(self, proj)
+
+    def _unique_modules(self) -> list[Projection]:
+        return list({id(p.module): p for p in self.projections}.values())
+
+    # -- running the block ----------------------------------------------------------------------------------
+    def capture(self, modules: dict[str, nn.Module]) -> dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """Run the block (its current weights) over the calibration inputs and return, for every named
+        submodule, its first positional input and its output per batch."""
+        seen: dict[str, tuple[list, list]] = {name: ([], []) for name in modules}
+        handles = [m.register_forward_hook(_io_recorder(seen[name])) for name, m in modules.items()]
+        try:
+            run_block(self.block, self.inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return seen
+
+    def run(self, weights: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The block's outputs, optionally with ``[out, in]`` weights (by projection key) swapped in."""
+        if not weights:
+            return run_block(self.block, self.inputs)
+        values: dict[nn.Parameter, torch.Tensor] = {}
+        for proj in self.projections:
+            if proj.key in weights:
+                if proj.weight not in values:
+                    with self.gathered(proj):
+                        values[proj.weight] = proj.weight.data.clone()
+                proj.to_param_layout(weights[proj.key], values[proj.weight])
+        with swapped_weights(values):
+            return run_block(self.block, self.inputs)
+
+    # -- the default per-projection path -------------------------------------------------------------------
+    def prune_projection(
+        self,
+        proj: Projection,
+        prune: Callable[[torch.Tensor, ProjectionStatistics, Pattern, int], PruneResult],
+    ) -> PruneResult:
+        """``prune(weight, stats, pattern, num_prune)`` on one projection, inside its gather; with removed units,
+        only among the rows and columns they leave (the result is laid out over the whole projection)."""
+        clock = time.perf_counter()
+        with self.gathered(proj):
+            weight, stats = proj.weight_view(), self.stats(proj)
+            structural = self.structural.get(proj.key)
+            num = self.num_prune[proj.key]
+            if structural is None:
+                result = prune(weight, stats, self.pattern, num)
+            else:
+                rows = structural.any(dim=1).nonzero().squeeze(1)
+                cols = structural.any(dim=0).nonzero().squeeze(1)
+                sub = prune(weight[rows][:, cols], stats.select(cols), self.pattern, num)
+                keep = torch.zeros_like(structural)
+                keep[rows[:, None], cols[None, :]] = sub.keep
+                new = None
+                if sub.weight is not None:
+                    new = torch.zeros_like(weight)
+                    new[rows[:, None], cols[None, :]] = sub.weight
+                result = PruneResult(keep=keep, weight=new)
+        self.seconds[proj.key] = time.perf_counter() - clock
+        return result
+
+
+class ProjectionStatistics:
+    """Lazy view of one projection's input statistics (optionally of a subset of its input columns).
+
+    Reading ``column_norms`` runs the block's statistics pass (without Hessians) the first time; reading
+    ``hessian`` runs it with Hessians. Methods that read neither (magnitude) cost no forward pass.
+    """
+
+    def __init__(self, block: BlockContext, proj: Projection, columns: torch.Tensor | None = None) -> None:
+        self._block, self._proj, self._columns = block, proj, columns
+
+    def _entry(self, hessian: bool) -> InputStatistics:
+        entry = self._block.statistics(hessian)[id(self._proj.module)]
+        return entry if self._columns is None else entry.select(self._columns)
+
+    @property
+    def column_norms(self) -> torch.Tensor:
+        """``||X_j||_2`` over every calibration token (all ranks), float32."""
+        return self._entry(hessian=False).column_norms
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """``X X^T / tokens``, float32."""
+        return self._entry(hessian=True).hessian
+
+    @property
+    def tokens(self) -> int:
+        return self._entry(hessian=False).tokens
+
+    def select(self, columns: torch.Tensor) -> ProjectionStatistics:
+        """Statistics of a subset of input columns (the ones removed units leave)."""
+        if self._columns is not None:
+            columns = self._columns[columns]
+        return ProjectionStatistics(self._block, self._proj, columns)
+
+
+def _io_recorder(store: tuple[list, list]) -> Callable:
+    def hook(_module, args, output):
+        store[0].append(args[0].detach() if args else None)
+        store[1].append((output[0] if isinstance(output, tuple) else output).detach())
+
+    return hook

@@ -58,7 +58,7 @@ def _trainer(max_steps: int, *callbacks) -> L.Trainer:
 
 
 def _pruning() -> MosaicPruning:
-    return MosaicPruning(sparsity=0.5, allocation="uniform", num_calibration_samples=4, verbose=False)
+    return MosaicPruning(sparsity=0.5, method="wanda", allocation="uniform", num_calibration_samples=4, verbose=False)
 
 
 def _loader() -> DataLoader:

@@ -45,8 +45,8 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _pruning(**kwargs) -> MosaicPruning:
     """Own calibration batches, so calibration does not advance the (resumable) training loader."""
-    return MosaicPruning(sparsity=0.5, allocation="uniform", calibration_dataloader=random_batches(), verbose=False,
-                         **kwargs)  # fmt: skip
+    return MosaicPruning(sparsity=0.5, method="wanda", allocation="uniform", calibration_dataloader=random_batches(),
+                         verbose=False, **kwargs)  # fmt: skip
 
 
 def _trainer(callbacks: list, max_steps: int, **kwargs) -> L.Trainer:

@@ -49,7 +49,7 @@ def test_gradual_steps_and_sparsities():
 
 def _gradual_callback() -> MosaicPruning:
     schedule = Gradual(initial_sparsity=0.2, start_step=1, end_step=7, every_n_steps=2)
-    return MosaicPruning(sparsity=0.6, allocation="uniform", verbose=False, schedule=schedule)
+    return MosaicPruning(sparsity=0.6, method="wanda", allocation="uniform", verbose=False, schedule=schedule)
 
 
 def test_gradual_prunes_during_training_and_ends_at_final_sparsity():
@@ -72,8 +72,8 @@ def test_gradual_prunes_during_training_and_ends_at_final_sparsity():
 
 
 def test_oneshot_at_step_prunes_then_holds():
-    callback = MosaicPruning(sparsity=0.5, allocation="uniform", verbose=False, schedule=OneShot(at_step=3),
-                             num_calibration_samples=4)  # fmt: skip
+    callback = MosaicPruning(sparsity=0.5, method="wanda", allocation="uniform", verbose=False,
+                             schedule=OneShot(at_step=3), num_calibration_samples=4)  # fmt: skip
     module = TinyLM()
     _trainer(callback, max_steps=6).fit(module, _loader())
     assert _zero_fraction(module.model) == pytest.approx(0.5, abs=1e-3)
@@ -110,6 +110,6 @@ def test_bad_schedules_are_rejected():
         Gradual(start_step=10, end_step=5)
     with pytest.raises(ValueError, match="every_n_steps"):
         Gradual(every_n_steps=0)
-    callback = MosaicPruning(sparsity=0.5, verbose=False, schedule=Gradual(start_step=0, end_step=50))
+    callback = MosaicPruning(sparsity=0.5, method="wanda", verbose=False, schedule=Gradual(start_step=0, end_step=50))
     with pytest.raises(ValueError, match="end_step=50 lies outside the run"):
         _trainer(callback, max_steps=10).fit(TinyLM(), _loader())

@@ -28,10 +28,10 @@ from ddp_prune import calibration  # noqa: E402  (the same calibration data as t
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-import mosaic_lightning.callbacks.mosaic_pruning as mosaic_pruning  # noqa: E402
+import mosaic_lightning.masks as mosaic_masks  # noqa: E402
 from mosaic_lightning import MosaicPruning  # noqa: E402
 from mosaic_lightning.masks import named_parameters  # noqa: E402
-from mosaic_lightning.zero import gathered_params  # noqa: E402
+from mosaic_lightning.zero import gathered_params, is_partitioned, mask_partition_  # noqa: E402
 
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
 
@@ -69,15 +69,22 @@ class Probe(L.Callback):
             self.at_start = _snapshot(trainer, pl_module, self.callback.masks.masks)
 
 
-def _visible_only(masks, model) -> None:  # what masking looked like before DeepSpeed support: visible weights only
-    masks.apply_(model)
+def _visible_only(param, keep) -> None:  # what masking looked like before DeepSpeed support: visible weights only
+    if is_partitioned(param):
+        mask_partition_(param, keep)  # this rank's slice
+    else:
+        param.data.masked_fill_(~keep.to(param.device), 0)
+
+
+def _no_master_sync(param) -> None:
+    pass
 
 
 def main(out: Path, stage: int, method: str, allocation: str, flags: set[str]) -> None:
     offload, nodes = "offload" in flags, 2 if "multinode" in flags else 1
     if "nofix" in flags:
-        mosaic_pruning.apply_masks_ = _visible_only
-        mosaic_pruning.sync_master_ = _visible_only
+        mosaic_masks.mask_parameter_ = _visible_only
+        mosaic_masks.sync_master_ = _no_master_sync
     data = torch.randint(0, 128, (16, 16), generator=torch.Generator().manual_seed(5))
     torch.manual_seed(0)
     module = TinyLM()

@@ -76,8 +76,8 @@ class BeforeMerge(L.Callback):
 
 
 def run_lora(out: Path, strategy: str, trainer_kwargs: dict) -> dict:
-    pruning = MosaicPruning(sparsity=0.5, allocation="uniform", structured_fraction=0.5, uniform_structure=True,
-                            calibration_dataloader=calibration(), verbose=False)  # fmt: skip
+    pruning = MosaicPruning(sparsity=0.5, method="wanda", allocation="uniform", structured_fraction=0.5,
+                            uniform_structure=True, calibration_dataloader=calibration(), verbose=False)  # fmt: skip
     spy = BeforeMerge()
     lora = LoRARecovery(r=4, alpha=8, adapter_dir=str(out / "adapter"))
     compact = CompactOnFitEnd(export_dir=str(out / "export"))
@@ -106,8 +106,8 @@ def _resume_lora(checkpoint: Path, trainer_kwargs: dict) -> dict:
     """A fresh module (other init) and callbacks resumed from the step-2 checkpoint: the adapter is attached in
     setup, before the strategy restores it; what the first train step starts from must be the checkpoint."""
     torch.manual_seed(1)
-    pruning = MosaicPruning(sparsity=0.5, allocation="uniform", structured_fraction=0.5, uniform_structure=True,
-                            calibration_dataloader=calibration(), verbose=False)  # fmt: skip
+    pruning = MosaicPruning(sparsity=0.5, method="wanda", allocation="uniform", structured_fraction=0.5,
+                            uniform_structure=True, calibration_dataloader=calibration(), verbose=False)  # fmt: skip
     spy = BeforeMerge()
     trainer = L.Trainer(callbacks=[pruning, spy, LoRARecovery(r=4, alpha=8)], **trainer_kwargs)
     trainer.fit(TinyLM(lr=5e-2), _train_loader(), ckpt_path=checkpoint)
@@ -130,6 +130,7 @@ def run_admm(out: Path, strategy: str, trainer_kwargs: dict) -> dict:
 
 
 def _run_schedule(strategy: str, trainer_kwargs: dict, schedule, allocation: str, **kwargs) -> dict:
+    kwargs = {"method": "wanda"} | kwargs
     pruning = MosaicPruning(sparsity=0.5, allocation=allocation, schedule=schedule, verbose=False, **kwargs)
     module = TinyLM()
     trainer = L.Trainer(callbacks=[pruning], **trainer_kwargs)

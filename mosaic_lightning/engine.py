@@ -86,7 +86,7 @@ def prune_model(
     report = PruningReport(config=config.to_dict())
     clock = time.perf_counter()
     plan = plan_pruning(model, adapter, batches, config, progress)
-    report.timings["allocate"] = time.perf_counter() - clock
+    report.timings["profile"] = time.perf_counter() - clock
     clock = time.perf_counter()
     with _eval_mode(model):
         pending, seconds, tokens = _sequential_prune(model, adapter, batches, config, plan, progress)

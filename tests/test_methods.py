@@ -96,6 +96,30 @@ def test_sparsegpt_exact_count_zeros_and_lower_reconstruction_error_than_wanda(b
     assert sparsegpt_error < 0.5 * wanda_error, (sparsegpt_error, wanda_error)
 
 
+def test_sparsegpt_mask_scope_block_ranks_each_column_block_over_all_rows():
+    """The reference code's mask: in the first column block (weights not yet updated) the pruned set is the lowest
+    ``w^2 / [U]_jj^2`` over all rows, U the upper Cholesky factor of the damped inverse Hessian (computed here)."""
+    g = torch.Generator().manual_seed(8)
+    rows, cols, block = 16, 64, 32
+    weight = torch.randn(rows, cols, generator=g)
+    x = _correlated_inputs(256, cols, seed=9)
+    stats = _stats(x, hessian=True)
+    num_prune = rows * cols // 2
+    result = SparseGPT(blocksize=block, mask_scope="block").prune(weight, stats, Unstructured("row"), num_prune)
+    assert int((~result.keep).sum()) == num_prune
+    h = (x.t() @ x / x.shape[0]).double()
+    h += 0.01 * h.diag().mean() * torch.eye(cols, dtype=torch.float64)
+    d = torch.linalg.cholesky(torch.linalg.inv(h), upper=True).diag()[:block]
+    first = (weight[:, :block].double() ** 2 / d[None, :] ** 2).flatten()
+    expected = torch.ones(rows * block, dtype=torch.bool)
+    expected[first.argsort()[: num_prune // 2]] = False
+    assert torch.equal(result.keep[:, :block].flatten(), expected)
+    per_row = (~result.keep).sum(dim=1)
+    assert per_row.max() > per_row.min()  # rows compete: their sparsities differ
+    row_scope = SparseGPT(blocksize=block).prune(weight, stats, Unstructured("row"), num_prune).keep
+    assert set((~row_scope).sum(dim=1).tolist()) == {cols // 2}  # the default: every row loses the same
+
+
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (4, 8)])
 def test_sparsegpt_nm_pattern_respected(n, m):
     g = torch.Generator().manual_seed(7)

@@ -25,19 +25,23 @@ ROWS = [
     ("sparsegpt", "uniform"),
     ("wanda", "owl"),
     ("wanda", "mosaic"),
+    ("sparsegpt", "mosaic"),
 ]
 SETTINGS = [(0.5, "unstructured"), (0.7, "unstructured"), (0.5, "2:4")]
 # Composite suite: equal parameter reduction, structured share of the pruned weights 0 / 0.62 / 1.
 COMPOSITE = [(s, f) for s in (0.3, 0.5) for f in (0.0, 0.62, 1.0)]
 # Sequential suite: calibrating block l on blocks < l as pruned (default) vs on dense activations (one pass).
 SEQUENTIAL = [(s, m, q) for s in (0.5, 0.7) for m in ("wanda", "sparsegpt") for q in (True, False)]
-# Allocation suite: layerwise OWL vs per-projection POD vs POD normalised per projection type.
-ALLOCATION = [(s, a) for s in (0.5, 0.7) for a in ("owl", "mosaic", "mosaic-typed")]
+# Allocation suite (issue "methods as plugins"): uniform vs OWL vs published Mosaic, x Wanda / SparseGPT, 50-80%.
+ALLOCATION = [
+    (s, a, m) for s in (0.5, 0.6, 0.7, 0.8) for a in ("uniform", "owl", "mosaic") for m in ("wanda", "sparsegpt")
+]
+TYPES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-def configs(suite: str) -> list[PruningConfig]:
+def configs(suite: str, allocations: list[str] | None = None) -> list[PruningConfig]:
     if suite == "allocation":
-        return [PruningConfig(s, "wanda", a) for s, a in ALLOCATION]
+        return [PruningConfig(s, m, a) for s, a, m in ALLOCATION if allocations is None or a in allocations]
     if suite == "sequential":
         return [PruningConfig(s, m, "uniform", sequential=q) for s, m, q in SEQUENTIAL]
     if suite == "composite":
@@ -53,6 +57,15 @@ def configs(suite: str) -> list[PruningConfig]:
     ]
 
 
+def _layer_means(report) -> list[float]:
+    """Parameter-weighted requested sparsity of every layer."""
+    layers: dict[int, list[float]] = {}
+    for p in report.projections:
+        pruned, total = layers.setdefault(p.layer, [0.0, 0.0])
+        layers[p.layer] = [pruned + p.requested_sparsity * p.numel, total + p.numel]
+    return [pruned / total for pruned, total in (layers[i] for i in sorted(layers))]
+
+
 def windows(texts: list[str], tokenizer, seq_len: int) -> TokenWindows:
     ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
     return TokenWindows(torch.tensor(ids), seq_len)
@@ -64,6 +77,7 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--suite", choices=["core", "composite", "sequential", "allocation"], default="core")
+    parser.add_argument("--allocations", nargs="*", default=None, help="allocation suite: only these allocations")
     parser.add_argument("--out", default="bench/out/quality.json")
     args = parser.parse_args()
 
@@ -78,13 +92,14 @@ def main() -> None:
     results = [{"method": "dense", "allocation": "-", "sparsity": 0.0, "pattern": "-",
                 "ppl": perplexity(load_causal_lm(BUNDLED_MODEL), evaluation, progress=False)}]  # fmt: skip
     print(f"dense ppl {results[0]['ppl']:.3f}", flush=True)
-    for config in configs(args.suite):
+    for config in configs(args.suite, args.allocations):
         model = load_causal_lm(BUNDLED_MODEL)
         clock = time.perf_counter()
         outcome = prune_model(model, calibration, config, progress=False)
+        requested = {t: [p.requested_sparsity for p in outcome.report.projections if p.name == t] for t in TYPES}
         row = {
-            "method": config.method,
-            "allocation": config.allocation,
+            "method": config.method.label,
+            "allocation": config.allocation.label,
             "sparsity": config.sparsity,
             "pattern": config.pattern,
             "structured_fraction": config.structured_fraction,
@@ -93,6 +108,9 @@ def main() -> None:
             "structured_share": outcome.report.structured_params_removed / outcome.report.params_targeted,
             "prune_s": time.perf_counter() - clock,
             "ppl": perplexity(model, evaluation, progress=False),
+            # Mean requested sparsity per projection type (and per layer below): where the allocation moved budget.
+            "type_sparsity": {t: sum(v) / len(v) for t, v in requested.items() if v},
+            "layer_sparsity": _layer_means(outcome.report),
         }
         results.append(row)
         print(json.dumps(row), flush=True)

@@ -83,7 +83,8 @@ def _check_ranks(ranks: list[dict], stage: int, method: str, allocation: str) ->
 
 
 @pytest.mark.parametrize(
-    ("stage", "method", "allocation"), [(2, "wanda", "uniform"), (3, "sparsegpt", "mosaic")]
+    ("stage", "method", "allocation"),
+    [(2, "wanda", "uniform"), (3, "sparsegpt", "mosaic"), (3, "sparsellm", "mosaic")],
 )
 def test_deepspeed_prune_train_checkpoint_resume_convert(tmp_path, stage, method, allocation):
     ranks = _run(tmp_path, stage, method, allocation, "resume")

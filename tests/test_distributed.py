@@ -34,7 +34,7 @@ def _run_two_ranks(tmp_path: Path, method: str) -> list[dict]:
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "sparsellm"])
 def test_ddp_masks_identical_on_ranks_and_equal_to_one_process(tmp_path, method):
     ranks = _run_two_ranks(tmp_path, method)
     assert all(r["world_size"] == 2 for r in ranks)

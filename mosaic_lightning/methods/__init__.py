@@ -7,6 +7,7 @@ from .base import PruneResult, PruningMethod
 from .magnitude import Magnitude
 from .random_scores import RandomScores
 from .sparsegpt import SparseGPT
+from .sparsellm import SparseLLM
 from .wanda import Wanda
 
 
@@ -17,4 +18,13 @@ def resolve_method(value, field: str = "method") -> PruningMethod:
     return resolve(value, PruningMethod, __name__, field)
 
 
-__all__ = ["Magnitude", "PruneResult", "PruningMethod", "RandomScores", "SparseGPT", "Wanda", "resolve_method"]
+__all__ = [
+    "Magnitude",
+    "PruneResult",
+    "PruningMethod",
+    "RandomScores",
+    "SparseGPT",
+    "SparseLLM",
+    "Wanda",
+    "resolve_method",
+]

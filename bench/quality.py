@@ -37,11 +37,25 @@ ALLOCATION = [
     (s, a, m) for s in (0.5, 0.6, 0.7, 0.8) for a in ("uniform", "owl", "mosaic") for m in ("wanda", "sparsegpt")
 ]
 TYPES = ("q", "k", "v", "o", "gate", "up", "down")
+# SparseLLM suite: the joint MLP solve vs SparseGPT and Wanda at high sparsity (uniform, as the reference).
+SPARSELLM = [(s, m) for s in (0.7, 0.8, 0.9) for m in ("wanda", "sparsegpt", "sparsellm")]
 
 
-def configs(suite: str, allocations: list[str] | None = None) -> list[PruningConfig]:
+def configs(args) -> list[PruningConfig]:
+    """The suite's rows, narrowed by --allocations / --methods / --sparsities where given."""
+    return [
+        c for c in _suite(args.suite)
+        if (args.allocations is None or c.allocation.label in args.allocations)
+        and (args.methods is None or c.method.label in args.methods)
+        and (args.sparsities is None or c.sparsity in args.sparsities)
+    ]  # fmt: skip
+
+
+def _suite(suite: str) -> list[PruningConfig]:
     if suite == "allocation":
-        return [PruningConfig(s, m, a) for s, a, m in ALLOCATION if allocations is None or a in allocations]
+        return [PruningConfig(s, m, a) for s, a, m in ALLOCATION]
+    if suite == "sparsellm":
+        return [PruningConfig(s, m, "uniform") for s, m in SPARSELLM]
     if suite == "sequential":
         return [PruningConfig(s, m, "uniform", sequential=q) for s, m, q in SEQUENTIAL]
     if suite == "composite":
@@ -76,8 +90,11 @@ def main() -> None:
     parser.add_argument("--calibration-samples", type=int, default=32)
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--suite", choices=["core", "composite", "sequential", "allocation"], default="core")
-    parser.add_argument("--allocations", nargs="*", default=None, help="allocation suite: only these allocations")
+    parser.add_argument("--suite", choices=["core", "composite", "sequential", "allocation", "sparsellm"],
+                        default="core")  # fmt: skip
+    parser.add_argument("--allocations", nargs="*", default=None, help="only rows with these allocations")
+    parser.add_argument("--methods", nargs="*", default=None, help="only rows with these methods")
+    parser.add_argument("--sparsities", nargs="*", type=float, default=None, help="only rows at these sparsities")
     parser.add_argument("--out", default="bench/out/quality.json")
     args = parser.parse_args()
 
@@ -92,7 +109,7 @@ def main() -> None:
     results = [{"method": "dense", "allocation": "-", "sparsity": 0.0, "pattern": "-",
                 "ppl": perplexity(load_causal_lm(BUNDLED_MODEL), evaluation, progress=False)}]  # fmt: skip
     print(f"dense ppl {results[0]['ppl']:.3f}", flush=True)
-    for config in configs(args.suite, args.allocations):
+    for config in configs(args):
         model = load_causal_lm(BUNDLED_MODEL)
         clock = time.perf_counter()
         outcome = prune_model(model, calibration, config, progress=False)

@@ -27,7 +27,8 @@ class Component(ABC):  # noqa: B024 - the abstract methods are declared by each 
 
     def __new__(cls, *args, **kwargs):
         self = super().__new__(cls)
-        bound = inspect.signature(cls.__init__).bind(None, *args, **kwargs)
+        # bind_partial: copy/deepcopy/pickle call __new__ without the arguments, then restore the state.
+        bound = inspect.signature(cls.__init__).bind_partial(None, *args, **kwargs)
         bound.apply_defaults()
         self._init_args = {k: v for k, v in list(bound.arguments.items())[1:] if k not in ("args", "kwargs")}
         return self

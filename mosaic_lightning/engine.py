@@ -67,6 +67,7 @@ class Plan:
     ratios: dict[str, float] = field(default_factory=dict)  # the allocation's per-projection signal (report)
     unit_groups: list[UnitGroup] = field(default_factory=list)
     removals: dict[str, int] = field(default_factory=dict)  # unit group key -> units to remove
+    allocation: dict = field(default_factory=dict)  # what the allocation measured or searched (report)
 
 
 def prune_model(
@@ -94,6 +95,7 @@ def prune_model(
     masks = _commit(adapter, pending)
     report.calibration = {"batches": sum_over_ranks(len(batches)), "tokens": sum_over_ranks(tokens)}  # all ranks
     report.structure = pending.removed
+    report.allocation = plan.allocation
     report.projections = [
         projection_report(
             adapter, p, p.view_of(masks.masks[p.param_name]), plan.counts[p.key],
@@ -112,7 +114,8 @@ def plan_pruning(
     structure, units first and single weights fill up to the target. Shared by the engine and ADMM."""
     projections = adapter.all_projections()
     with _eval_mode(model):
-        budget = config.allocation.allocate(AllocationContext(model, adapter, batches, progress), config.sparsity)
+        context = AllocationContext(model, adapter, batches, progress, config)
+        budget = config.allocation.allocate(context, config.sparsity)
     missing = [p.key for p in projections if p.key not in budget.sparsity]
     if missing:
         raise ValueError(f"allocation {config.allocation!r} gave no sparsity for projections {missing[:5]}")
@@ -137,7 +140,7 @@ def plan_pruning(
         )
     unstructured = exact_counts(remaining, budget.sparsity, config.sparsity, *config.bounds(), goal=single)
     counts = {k: structural.get(k, 0) + unstructured[k] for k in sizes}
-    return Plan(counts, unstructured, budget.ratios, groups, removals)
+    return Plan(counts, unstructured, budget.ratios, groups, removals, budget.details)
 
 
 @contextmanager

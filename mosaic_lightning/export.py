@@ -54,6 +54,7 @@ def save_pruned(
         if report is not None:
             report.save_json(tmp / "pruning_report.json")
             report.save_heatmap(tmp / "sparsity_heatmap.png")
+            report.save_search_plot(tmp / "allocation_search.png")
     return pathlib.Path(export_dir).absolute()
 
 

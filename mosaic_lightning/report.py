@@ -34,6 +34,7 @@ class PruningReport:
     metrics: dict[str, float] = field(default_factory=dict)
     peak_memory_mb: dict[str, float] = field(default_factory=dict)
     structure: dict[str, list[int]] = field(default_factory=dict)
+    allocation: dict = field(default_factory=dict)  # what the allocation measured or searched (MSP: its search)
 
     @property
     def params_targeted(self) -> int:
@@ -73,6 +74,7 @@ class PruningReport:
             "config": self.config,
             "projections": [asdict(p) for p in self.projections],
             "structure": self.structure,
+            "allocation": self.allocation,
         }
 
     def save_json(self, path: str | os.PathLike) -> None:
@@ -96,7 +98,7 @@ class PruningReport:
 
     def summary(self) -> str:
         parts = [
-            f"method={self.config.get('method')} allocation={self.config.get('allocation')} "
+            f"method={_label(self.config.get('method'))} allocation={_label(self.config.get('allocation'))} "
             f"pattern={self.config.get('pattern')}",
             f"requested sparsity {100 * self.config.get('sparsity', 0):.2f}%, achieved "
             f"{100 * self.achieved_sparsity:.3f}% of {self.params_targeted:,} targeted weights",
@@ -123,8 +125,39 @@ class PruningReport:
         ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
         ax.set_xlabel("projection")
         ax.set_ylabel("layer")
-        ax.set_title(f"allocated sparsity (%), {self.config.get('allocation')}")
+        ax.set_title(f"allocated sparsity (%), {_label(self.config.get('allocation'))}")
         fig.colorbar(image, ax=ax)
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
+
+    def save_search_plot(self, path: str | os.PathLike) -> bool:
+        """PNG of an allocation search's fitness per generation (MSP); False when the allocation searched nothing."""
+        history = self.allocation.get("history")
+        if not history:
+            return False
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        generations = [h["generation"] for h in history]
+        ax.plot(generations, [h["best"] for h in history], marker="o", label="best")
+        ax.plot(generations, [h["mean"] for h in history], marker=".", label="population mean")
+        ax.set_xlabel("generation")
+        ax.set_ylabel("fitness (held-in perplexity)")
+        ax.set_yscale("log")
+        ax.legend()
+        ax.set_title(f"allocation search, {_label(self.config.get('allocation'))}")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return True
+
+
+def _label(value) -> str:
+    """A method or allocation as recorded in the config: its shorthand, or the class name of its class_path."""
+    if isinstance(value, dict):
+        return str(value.get("class_path", "?")).rpartition(".")[2]
+    return str(value)

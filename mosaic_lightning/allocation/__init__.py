@@ -13,6 +13,7 @@ from .base import (
     outlier_ratios,
 )
 from .mosaic import Mosaic
+from .msp import MSP
 from .owl import OWL
 from .uniform import Uniform
 
@@ -25,6 +26,7 @@ def resolve_allocation(value, field: str = "allocation") -> Allocation:
 
 
 __all__ = [
+    "MSP",
     "OWL",
     "Allocation",
     "AllocationContext",

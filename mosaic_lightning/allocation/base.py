@@ -12,6 +12,7 @@ import math
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,15 +31,22 @@ class Budget:
 
     sparsity: dict[str, float]
     ratios: dict[str, float] = field(default_factory=dict)
+    details: dict = field(default_factory=dict)  # what the allocation measured or searched (into the report)
 
 
 class AllocationContext:
     """The dense model and its calibration data, as an allocation may read them before anything is pruned."""
 
     def __init__(
-        self, model: nn.Module, adapter: ModelAdapter, batches: Sequence[torch.Tensor], progress: bool = True
+        self,
+        model: nn.Module,
+        adapter: ModelAdapter,
+        batches: Sequence[torch.Tensor],
+        progress: bool = True,
+        config: Any = None,
     ) -> None:
         self.model, self.adapter, self.batches, self.progress = model, adapter, batches, progress
+        self.config = config  # the PruningConfig (method, pattern, bounds), for searches; not imported: a cycle
         self.projections: list[Projection] = adapter.all_projections()
 
     def dense_blocks(self, desc: str) -> Iterator[BlockContext]:

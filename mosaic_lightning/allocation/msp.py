@@ -1,0 +1,256 @@
+"""MSP: mixed sparsity per layer from Fisher sensitivity and an evolutionary search (plug-and-play: any method).
+
+No public code exists; the seeds give the idea (layer sensitivity = trace of the Fisher information, then an
+evolutionary search over per-layer sparsities). Every choice below is ours where the paper is silent:
+
+- **Sensitivity** ``F_l`` = sum over the calibration batches of the squared gradients of the causal-LM loss with
+  respect to layer ``l``'s targeted weights (the trace of the empirical Fisher), from ordinary backward passes
+  of the whole model on up to ``fisher_batches`` batches; summed over ranks under DDP. Existing ``.grad`` values
+  are saved and restored, so a run in the middle of training is not disturbed.
+- **Search space**: one sparsity per layer (all its targeted projections share it), within ``[min_sparsity,
+  max_sparsity]``, with the parameter-weighted mean exactly the target for every individual. Unstructured
+  patterns only (per-layer N for N:M is not implemented).
+- **First population**: uniform, plus Fisher-seeded individuals ``s_l = s - k * z_l`` (``z_l`` = centred, unit-
+  range ``log F_l``: more sensitive layers less sparse) for spreads ``k`` evenly spaced up to ``max_spread``, each
+  projected back onto the exact mean.
+- **Next generations**: the best half survives (elitism); children are the mean of two random survivors (the mean
+  of two feasible individuals is feasible) plus ``mutations`` moves, each shifting up to ``mutation_step`` of
+  sparsity from one random layer to another in equal parameter counts (the weighted mean is unchanged).
+- **Fitness**: perplexity on the first ``fitness_batches`` calibration batches (held-in text, never the test set)
+  after pruning every projection with the chosen method's *scores* under the pattern at the candidate's exact
+  counts, from dense statistics measured once (one layer-streamed pass: the column norms). What is reused: the
+  dense statistics for every candidate; what is approximated: reconstruction methods (SparseGPT, SparseLLM) are
+  scored mask-only (their ``scores``, no weight update) during the search, and prune fully once the best
+  individual is chosen. Weights are swapped in and restored for each candidate; the model is unchanged after.
+- Population, generations, mutation and the seed are arguments; the search is reproducible for a fixed seed
+  (one ``torch.Generator``). A progress bar runs per generation; the report gets the sensitivities, the best
+  individual, the fitness history and every individual of every generation.
+
+Not supported: DeepSpeed ZeRO-3 (the Fisher pass reads ``.grad`` of whole parameters) -- refused.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from ..calibration import swapped_weights
+from ..evaluation import perplexity
+from ..zero import is_partitioned
+from .base import Allocation, AllocationContext, Budget, exact_counts
+
+
+class MSP(Allocation):
+    """MSP; see the module docstring.
+
+    Args:
+        population: individuals per generation (>= 2).
+        generations: generations after the first (0 = pick the best of the first population).
+        mutations: moves applied to each child.
+        mutation_step: largest sparsity moved by one move.
+        max_spread: largest Fisher-seeded spread ``k`` of the first population.
+        fitness_batches: calibration batches the fitness perplexity is measured on.
+        fisher_batches: calibration batches of the Fisher pass.
+        seed: seed of the search.
+    """
+
+    name = "msp"
+
+    def __init__(
+        self,
+        population: int = 8,
+        generations: int = 5,
+        mutations: int = 4,
+        mutation_step: float = 0.05,
+        max_spread: float = 0.2,
+        fitness_batches: int = 4,
+        fisher_batches: int = 8,
+        seed: int = 0,
+    ) -> None:
+        for field, value, low in (("population", population, 2), ("generations", generations, 0),
+                                  ("mutations", mutations, 0), ("fitness_batches", fitness_batches, 1),
+                                  ("fisher_batches", fisher_batches, 1), ("seed", seed, 0)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"msp {field}={value!r}; must be an integer >= {low}")
+        for field, value in (("mutation_step", mutation_step), ("max_spread", max_spread)):
+            if not (isinstance(value, int | float) and math.isfinite(value) and 0 < value < 1):
+                raise ValueError(f"msp {field}={value!r}; allowed values: 0 < {field} < 1")
+        self.population, self.generations, self.mutations = population, generations, mutations
+        self.mutation_step, self.max_spread = float(mutation_step), float(max_spread)
+        self.fitness_batches, self.fisher_batches, self.seed = fitness_batches, fisher_batches, seed
+
+    def allocate(self, context: AllocationContext, target: float) -> Budget:
+        config = context.config
+        if config is None:
+            raise ValueError("MSP needs the pruning config (method and pattern) in its AllocationContext")
+        if config.build_pattern().fixed_sparsity is not None:
+            raise ValueError(f"allocation msp searches unstructured sparsities; pattern={config.pattern!r} is N:M")
+        if any(is_partitioned(p.weight) for p in context.projections):
+            raise ValueError("allocation msp reads whole-parameter gradients: DeepSpeed ZeRO-3 is not supported")
+        layers = sorted({p.layer for p in context.projections})
+        sizes = [sum(p.numel for p in context.projections if p.layer == layer) for layer in layers]
+        fisher = fisher_trace(context, layers, self.fisher_batches)
+        search = _Search(self, context, layers, sizes, target)
+        best, details = search.run(fisher)
+        sparsity = {p.key: best[layers.index(p.layer)] for p in context.projections}
+        details["fisher_trace"] = fisher
+        return Budget(sparsity, {p.key: fisher[layers.index(p.layer)] for p in context.projections}, details)
+
+
+def fisher_trace(context: AllocationContext, layers: list[int], max_batches: int) -> list[float]:
+    """Per layer: the summed squared gradients of the LM loss w.r.t. its targeted weights (``[out, in]`` views)."""
+    model = context.model
+    params = list({id(p.weight): p.weight for p in context.projections}.values())
+    saved = {id(p): (p.grad, p.requires_grad) for p in params}
+    totals = torch.zeros(len(layers), dtype=torch.float64)
+    try:
+        for param in params:
+            param.grad = None
+            param.requires_grad_(True)
+        for input_ids in context.batches[:max_batches]:
+            ids = input_ids.to(params[0].device)
+            with torch.enable_grad():
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+            by_param = {id(p): g for p, g in zip(params, grads, strict=True)}
+            for proj in context.projections:
+                grad = by_param[id(proj.weight)]
+                if grad is not None:
+                    totals[layers.index(proj.layer)] += float(proj.view_of(grad).double().square().sum())
+    finally:
+        for param in params:
+            param.grad, requires = saved[id(param)]
+            param.requires_grad_(requires)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    return totals.tolist()
+
+
+class _Search:
+    """The evolutionary search over per-layer sparsity vectors (see the module docstring)."""
+
+    def __init__(self, msp: MSP, context: AllocationContext, layers: list[int], sizes: list[int], target: float):
+        self.msp, self.context, self.layers, self.target = msp, context, layers, target
+        self.sizes = torch.tensor(sizes, dtype=torch.float64)
+        config = context.config
+        self.low, self.high = config.min_sparsity, config.max_sparsity
+        self.generator = torch.Generator().manual_seed(msp.seed)
+        self.norms = _dense_column_norms(context)
+        self.fitness_batches = context.batches[: msp.fitness_batches]
+
+    def run(self, fisher: list[float]) -> tuple[list[float], dict]:
+        population = self._first_population(torch.tensor(fisher, dtype=torch.float64))
+        history, everyone = [], []
+        bar = tqdm(range(self.msp.generations + 1), desc="msp search", disable=not self.context.progress)
+        for generation in bar:
+            if generation > 0:
+                population = self._next_generation(population)
+            fitness = [self._fitness(individual) for individual in population]
+            order = sorted(range(len(population)), key=fitness.__getitem__)
+            population, fitness = [population[i] for i in order], [fitness[i] for i in order]
+            history.append({"generation": generation, "best": fitness[0], "mean": sum(fitness) / len(fitness)})
+            everyone.append([individual.tolist() for individual in population])
+            bar.set_postfix(best=f"{fitness[0]:.3f}")
+        best = population[0].tolist()
+        return best, {"best": best, "best_fitness": fitness[0], "history": history, "population": everyone}
+
+    # -- individuals ---------------------------------------------------------------------------------------
+    def _feasible(self, values: torch.Tensor) -> torch.Tensor:
+        """Clip to the bounds and shift so the parameter-weighted mean is exactly the target."""
+        lo, hi = -1.0, 1.0
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            mean = float((values + mid).clamp(self.low, self.high) @ self.sizes / self.sizes.sum())
+            lo, hi = (mid, hi) if mean < self.target else (lo, mid)
+        shifted = (values + (lo + hi) / 2).clamp(self.low, self.high)
+        # The bisection leaves ~1e-16 of error; spread it over the layers strictly inside the bounds.
+        free = (shifted > self.low) & (shifted < self.high)
+        error = self.target * self.sizes.sum() - shifted @ self.sizes
+        if free.any():
+            shifted[free] += error / self.sizes[free].sum()
+        return shifted
+
+    def _first_population(self, fisher: torch.Tensor) -> list[torch.Tensor]:
+        uniform = torch.full((len(self.layers),), self.target, dtype=torch.float64)
+        log = fisher.clamp_min(1e-30).log()
+        spread = log.max() - log.min()
+        z = (log - log.mean()) / spread if spread > 0 else torch.zeros_like(log)
+        count = self.msp.population - 1
+        seeded = [self._feasible(uniform - self.msp.max_spread * (i + 1) / count * z) for i in range(count)]
+        return [uniform, *seeded]
+
+    def _next_generation(self, ranked: list[torch.Tensor]) -> list[torch.Tensor]:
+        survivors = ranked[: max(2, len(ranked) // 2)]
+        children = []
+        while len(survivors) + len(children) < self.msp.population:
+            a, b = torch.randint(len(survivors), (2,), generator=self.generator).tolist()
+            child = (survivors[a] + survivors[b]) / 2
+            children.append(self._mutate(child))
+        return survivors + children
+
+    def _mutate(self, child: torch.Tensor) -> torch.Tensor:
+        child = child.clone()
+        for _ in range(self.msp.mutations):
+            i, j = torch.randperm(len(self.layers), generator=self.generator)[:2].tolist()
+            step = float(torch.rand((), generator=self.generator)) * self.msp.mutation_step
+            # Move ``moved`` weights' worth of sparsity from layer j to layer i, within both layers' bounds.
+            moved = step * min(self.sizes[i], self.sizes[j])
+            room = float((self.high - child[i]) * self.sizes[i]), float((child[j] - self.low) * self.sizes[j])
+            moved = min(moved, *room)
+            child[i] += moved / self.sizes[i]
+            child[j] -= moved / self.sizes[j]
+        return self._feasible(child)
+
+    # -- fitness -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _fitness(self, individual: torch.Tensor) -> float:
+        """Held-in perplexity with every projection pruned by the method's scores at this individual's counts."""
+        config, projections = self.context.config, self.context.projections
+        sizes = {p.key: p.numel for p in projections}
+        wanted = {p.key: float(individual[self.layers.index(p.layer)]) for p in projections}
+        counts = exact_counts(sizes, wanted, self.target, self.low, self.high)
+        pattern = config.build_pattern()
+        values: dict[torch.nn.Parameter, torch.Tensor] = {}
+        for proj in projections:
+            if proj.weight not in values:
+                values[proj.weight] = proj.weight.detach().clone()
+            view = proj.view_of(values[proj.weight])
+            scores = config.method.scores(proj.weight_view().detach(), _ColumnNorms(self.norms[proj.key]))
+            view.masked_fill_(~pattern.keep_mask(scores, counts[proj.key]), 0)
+        with swapped_weights(values):
+            value = perplexity(self.context.model, self.fitness_batches, progress=False)
+        return _mean_over_ranks(value)
+
+
+class _ColumnNorms:
+    """Dense statistics cached for the search: column norms only (what mask-only scoring reads)."""
+
+    def __init__(self, column_norms: torch.Tensor) -> None:
+        self.column_norms = column_norms
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        raise ValueError(
+            "allocation msp scores candidates from cached column norms; this method's scores read a Hessian, "
+            "which the search does not cache"
+        )
+
+
+def _dense_column_norms(context: AllocationContext) -> dict[str, torch.Tensor]:
+    norms: dict[str, torch.Tensor] = {}
+    for block in context.dense_blocks("msp dense statistics"):
+        for proj in block.projections:
+            norms[proj.key] = block.stats(proj).column_norms
+    return norms
+
+
+def _mean_over_ranks(ppl: float) -> float:
+    """Perplexity over every rank's fitness batches (equal token counts per rank: the geometric mean)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return ppl
+    log = torch.tensor([math.log(ppl)], dtype=torch.float64)
+    dist.all_reduce(log)
+    return math.exp(float(log) / dist.get_world_size())

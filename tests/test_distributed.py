@@ -26,10 +26,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run_two_ranks(tmp_path: Path, method: str) -> list[dict]:
+def _run_two_ranks(tmp_path: Path, method: str, allocation: str = "mosaic") -> list[dict]:
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), method], env=env, capture_output=True,
-                            text=True, timeout=300)  # fmt: skip
+    result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), method, allocation], env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
@@ -53,3 +53,22 @@ def test_ddp_masks_identical_on_ranks_and_equal_to_one_process(tmp_path, method)
     agree = sum(int((single.masks.masks[n] == k).sum()) for n, k in ranks[0]["masks"].items())
     total = sum(k.numel() for k in ranks[0]["masks"].values())
     assert agree / total > 0.999, f"only {agree}/{total} mask entries agree with the single-process run"
+
+
+def test_ddp_msp_fisher_sensitivities_equal_one_process_on_the_union_of_batches(tmp_path):
+    from mosaic_lightning.adapters import ModelAdapter
+    from mosaic_lightning.allocation import AllocationContext
+    from mosaic_lightning.allocation.msp import fisher_trace
+
+    ranks = _run_two_ranks(tmp_path, "wanda", "msp")
+    assert ranks[0]["allocation"]["fisher_trace"] == ranks[1]["allocation"]["fisher_trace"]
+    assert ranks[0]["allocation"]["best"] == ranks[1]["allocation"]["best"]  # the same search on every rank
+    for name, keep in ranks[0]["masks"].items():
+        assert torch.equal(ranks[1]["masks"][name], keep), name
+    sys.path.insert(0, str(SCRIPT.parent))
+    from ddp_prune import calibration
+
+    torch.manual_seed(0)
+    model = make_llama()
+    single = fisher_trace(AllocationContext(model, ModelAdapter(model), calibration(), progress=False), [0, 1], 8)
+    assert ranks[0]["allocation"]["fisher_trace"] == pytest.approx(single, rel=1e-5)

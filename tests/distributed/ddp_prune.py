@@ -23,10 +23,10 @@ def calibration() -> list[torch.Tensor]:
     return [torch.randint(0, 128, (2, 16), generator=g) for _ in range(4)]
 
 
-def main(out: Path, method: str) -> None:
+def main(out: Path, method: str, allocation: str = "mosaic") -> None:
     torch.manual_seed(0)
     module = TinyLM()
-    callback = MosaicPruning(sparsity=0.5, method=method, allocation="mosaic", calibration_dataloader=calibration(),
+    callback = MosaicPruning(sparsity=0.5, method=method, allocation=allocation, calibration_dataloader=calibration(),
                              verbose=False)  # fmt: skip
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=3, callbacks=[callback],
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -38,10 +38,11 @@ def main(out: Path, method: str) -> None:
             "masks": {name: keep.clone() for name, keep in callback.masks.masks.items()},
             "weights": {name: p.detach().clone() for name, p in module.model.named_parameters()},
             "world_size": trainer.world_size,
+            "allocation": callback.report.allocation,
         },
         out / f"rank{trainer.global_rank}.pt",
     )
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    main(Path(sys.argv[1]), *sys.argv[2:])

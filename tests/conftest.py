@@ -4,6 +4,7 @@ LightningModule and resumable loader the training tests (and the tests/distribut
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -198,3 +199,26 @@ class ResumableBatches:
 
     def load_state_dict(self, state: dict) -> None:
         self.position = state["position"]
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path) -> Path:
+    """A tiny random Llama with the bundled tokenizer, saved as a plain HF directory (fast CLI runs)."""
+    from mosaic_lightning.assets import BUNDLED_MODEL, load_tokenizer
+
+    tokenizer = load_tokenizer(BUNDLED_MODEL)
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer))  # fmt: skip
+    folder = tmp_path / "tiny"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_text_files(folder: Path) -> tuple[Path, Path]:
+    """train.txt / eval.txt of plain text in ``folder`` (different text for the two)."""
+    text = " ".join(f"word{i % 97} and more text number {i}." for i in range(1500))
+    (folder / "train.txt").write_text(text)
+    (folder / "eval.txt").write_text(" ".join(f"other{i % 89} words, line {i}." for i in range(1500)))
+    return folder / "train.txt", folder / "eval.txt"

@@ -13,11 +13,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import TARGET_PARAMS, TinyLM, make_llama, random_batches
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import TARGET_PARAMS, TinyLM, make_llama, random_batches, write_text_files
 
 from mosaic_lightning import MosaicPruning, PruningConfig, prune_model
-from mosaic_lightning.assets import BUNDLED_MODEL, load_tokenizer
 from mosaic_lightning.methods import PruneResult, PruningMethod, RandomScores
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,23 +171,8 @@ def test_block_level_method_sees_the_sequential_inputs_and_the_exact_count_contr
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # nothing was committed
 
 
-@pytest.fixture
-def tiny_model_dir(tmp_path) -> Path:
-    """A tiny random Llama with the bundled tokenizer, saved as a plain HF directory."""
-    tokenizer = load_tokenizer(BUNDLED_MODEL)
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tokenizer))  # fmt: skip
-    folder = tmp_path / "tiny"
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_cli_runs_a_method_from_the_users_module(tmp_path, user_module, tiny_model_dir):
-    text = " ".join(f"word{i % 97} and more text number {i}." for i in range(1500))
-    (tmp_path / "train.txt").write_text(text)
-    (tmp_path / "eval.txt").write_text(text[::-1])
+    write_text_files(tmp_path)
     export = tmp_path / "export"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(user_module), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run(

@@ -1,0 +1,53 @@
+"""The method recipes through the CLI on a tiny local model, with the overrides our acceptance checks use:
+``--model.pretrained <dir> --data.train_files <file> --data.eval_files <file> --export_dir <dir>`` plus
+``--pruning.sparsity``, ``--pruning.allocation uniform`` and ``--data.num_calibration_samples``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import write_text_files
+from transformers import AutoModelForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "overrides", "method", "allocation"),
+    [
+        ("mosaic-70", [], "SparseGPT", "Mosaic"),
+        ("sparsellm-70", ["--pruning.sparsity", "0.8"], "SparseLLM", "uniform"),
+        ("sparsellm-70", ["--pruning.allocation", "uniform", "--pruning.sparsity", "0.6"], "SparseLLM", "uniform"),
+        ("msp-75", ["--pruning.allocation.init_args.generations", "1"], "wanda", "MSP"),
+        ("msp-75", ["--pruning.allocation", "uniform"], "wanda", "uniform"),
+    ],
+)
+def test_recipe_runs_through_the_cli_with_the_acceptance_overrides(tmp_path, tiny_model_dir, recipe, overrides,
+                                                                   method, allocation):  # fmt: skip
+    train, test = write_text_files(tmp_path)
+    export = tmp_path / "export"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / f"recipes/{recipe}.yaml"),
+         "--model.pretrained", str(tiny_model_dir), "--data.train_files", str(train), "--data.eval_files", str(test),
+         "--data.seq_len", "32", "--data.num_calibration_samples", "8", "--data.max_eval_windows", "2",
+         "--trainer.logger", "false", "--export_dir", str(export), *overrides],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((export / "pruning_report.json").read_text())
+    sparsity = float(overrides[overrides.index("--pruning.sparsity") + 1]) if "--pruning.sparsity" in overrides else (
+        {"mosaic-70": 0.7, "sparsellm-70": 0.7, "msp-75": 0.75}[recipe])  # fmt: skip
+    assert report["achieved_sparsity"] == pytest.approx(sparsity, abs=1e-3)
+    assert report["params_pruned"] == round(sparsity * report["params_targeted"])
+    assert all(p["achieved_sparsity"] == p["requested_sparsity"] for p in report["projections"])
+    assert method in json.dumps(report["config"]["method"]) and allocation in json.dumps(report["config"]["allocation"])
+    assert report["calibration"]["batches"] == 2  # 8 samples in batches of 4
+    if allocation == "MSP":
+        assert report["allocation"]["history"] and (export / "allocation_search.png").stat().st_size > 0
+    model = AutoModelForCausalLM.from_pretrained(export)
+    zeros = sum(int((p == 0).sum()) for n, p in model.named_parameters() if n.endswith("_proj.weight"))
+    assert zeros >= report["params_pruned"]

@@ -39,6 +39,8 @@ ALLOCATION = [
 TYPES = ("q", "k", "v", "o", "gate", "up", "down")
 # SparseLLM suite: the joint MLP solve vs SparseGPT and Wanda at high sparsity (uniform, as the reference).
 SPARSELLM = [(s, m) for s in (0.7, 0.8, 0.9) for m in ("wanda", "sparsegpt", "sparsellm")]
+# MSP suite: the Fisher + evolutionary allocation vs uniform and OWL at 75% (recipe msp-75's search settings).
+MSP_ROWS = [(0.75, m, a) for m in ("wanda", "sparsegpt") for a in ("uniform", "owl", "msp")]
 
 
 def configs(args) -> list[PruningConfig]:
@@ -56,6 +58,8 @@ def _suite(suite: str) -> list[PruningConfig]:
         return [PruningConfig(s, m, a) for s, a, m in ALLOCATION]
     if suite == "sparsellm":
         return [PruningConfig(s, m, "uniform") for s, m in SPARSELLM]
+    if suite == "msp":
+        return [PruningConfig(s, m, a) for s, m, a in MSP_ROWS]
     if suite == "sequential":
         return [PruningConfig(s, m, "uniform", sequential=q) for s, m, q in SEQUENTIAL]
     if suite == "composite":
@@ -90,7 +94,7 @@ def main() -> None:
     parser.add_argument("--calibration-samples", type=int, default=32)
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--suite", choices=["core", "composite", "sequential", "allocation", "sparsellm"],
+    parser.add_argument("--suite", choices=["core", "composite", "sequential", "allocation", "sparsellm", "msp"],
                         default="core")  # fmt: skip
     parser.add_argument("--allocations", nargs="*", default=None, help="only rows with these allocations")
     parser.add_argument("--methods", nargs="*", default=None, help="only rows with these methods")
@@ -128,7 +132,10 @@ def main() -> None:
             # Mean requested sparsity per projection type (and per layer below): where the allocation moved budget.
             "type_sparsity": {t: sum(v) / len(v) for t, v in requested.items() if v},
             "layer_sparsity": _layer_means(outcome.report),
+            "allocation_details": {k: v for k, v in outcome.report.allocation.items() if k != "population"},
         }
+        if outcome.report.save_search_plot(pathlib.Path(args.out).with_suffix(f".{row['method']}-search.png")):
+            row["search_png"] = str(pathlib.Path(args.out).with_suffix(f".{row['method']}-search.png"))
         results.append(row)
         print(json.dumps(row), flush=True)
 

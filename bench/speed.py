@@ -1,6 +1,9 @@
-"""Pruning speed and peak memory on the real model: Wanda and SparseGPT at 50% vs one plain forward pass.
+"""Pruning speed and peak memory on the real model: methods (and allocations) at 50% vs one plain forward pass.
 
     python bench/speed.py --calibration-samples 128 --seq-len 512 --repeats 3 --out bench/out/speed.json
+    python bench/speed.py --kinds forward,sparsegpt,sparsellm,wanda,wanda@msp --out bench/out/speed-methods.json
+
+A kind is a method (``wanda``), optionally ``-dense`` (non-sequential) and ``@allocation`` (default uniform).
 
 Each measurement runs in a fresh subprocess so that its peak RSS is its own. Times exclude model loading.
 The lower bound for a calibration-based pruner is one forward pass over the calibration tokens; the ratio
@@ -45,9 +48,10 @@ def measure(kind: str, samples: int, seq_len: int) -> dict:
         with torch.no_grad():
             for ids in batches:
                 model(input_ids=ids, use_cache=False)
-    else:  # "wanda-dense": non-sequential, calibrated on dense activations (one pass per block)
-        method, _, variant = kind.partition("-")
-        config = PruningConfig(0.5, method, "uniform", sequential=variant != "dense")
+    else:  # "wanda-dense": non-sequential (dense activations, one pass per block); "wanda@msp": that allocation
+        spec, _, allocation = kind.partition("@")
+        method, _, variant = spec.partition("-")
+        config = PruningConfig(0.5, method, allocation or "uniform", sequential=variant != "dense")
         prune_model(model, batches, config, progress=False)
     seconds = time.perf_counter() - clock
     return {

@@ -209,6 +209,7 @@ class ModelAdapter:
 
     def _check_names(self, patterns: Sequence[str] | None, field_name: str) -> None:
         for pattern in patterns or ():
+            check_pattern(pattern, field_name)
             if not any(self._matches(p, [pattern]) for projs in self._all for p in projs):
                 names = sorted({p.name for p in self._all[0]})
                 raise ValueError(
@@ -238,6 +239,14 @@ class ModelAdapter:
         for p in self.projections(layer):
             seen.setdefault(id(p.module), p.module)
         return list(seen.values())
+
+
+def check_pattern(pattern: str, field_name: str) -> None:
+    """A ``targets``/``exclude`` item must be a short name or a valid regular expression."""
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"{field_name} item {pattern!r} is not a valid regular expression ({error})") from None
 
 
 def detect_architecture(model: nn.Module) -> ArchitectureSpec:

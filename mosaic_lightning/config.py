@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .adapters import check_pattern
 from .allocation import Allocation, Uniform, resolve_allocation
 from .components import Component
 from .methods import PruningMethod, resolve_method
@@ -74,6 +75,8 @@ class PruningConfig:
         for name in ("targets", "exclude"):
             if isinstance(getattr(self, name), str):
                 raise TypeError(f"{name}={getattr(self, name)!r}; give a list of names or regexes, e.g. ['down']")
+            for pattern in getattr(self, name) or ():
+                check_pattern(pattern, name)
         self.method: PruningMethod = resolve_method(self.method)
         self.allocation: Allocation = resolve_allocation(self.allocation)
         uniform = isinstance(self.allocation, Uniform)

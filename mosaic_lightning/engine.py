@@ -83,7 +83,9 @@ def prune_model(
     projections = adapter.all_projections()
     for proj in projections:
         pattern.check_shape(proj.in_features, adapter.module_name(proj))
+    _check_weights_finite(adapter)
     batches = list(calibration_batches)
+    _check_token_ids(batches, model)
     report = PruningReport(config=config.to_dict())
     clock = time.perf_counter()
     plan = plan_pruning(model, adapter, batches, config, progress)
@@ -105,6 +107,29 @@ def prune_model(
     ]
     report.record_peak_memory("prune")
     return PruningOutcome(masks=masks, report=report, structure=pending.removed)
+
+
+def _check_weights_finite(adapter: ModelAdapter) -> None:
+    """NaN/inf in a targeted weight would pass through any method unnoticed (magnitude reads no data)."""
+    for proj in adapter.all_projections():
+        with gathered(proj.module):
+            finite = bool(torch.isfinite(proj.weight_view()).all())
+        if not finite:
+            raise ValueError(f"{adapter.module_name(proj)}: its weights contain NaN or inf; no weight was changed")
+
+
+def _check_token_ids(batches: list, model: nn.Module) -> None:
+    """Calibration batches are integer token ids inside the vocabulary (else an IndexError deep in the embedding)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    for i, ids in enumerate(batches):
+        if not torch.is_tensor(ids) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            kind = ids.dtype if torch.is_tensor(ids) else type(ids).__name__
+            raise TypeError(f"calibration_batches[{i}] is {kind}; give integer token ids (torch.long)")
+        if ids.numel() and (int(ids.min()) < 0 or (vocab is not None and int(ids.max()) >= vocab)):
+            raise ValueError(
+                f"calibration_batches[{i}] holds token ids in [{int(ids.min())}, {int(ids.max())}], outside the "
+                f"model's vocabulary [0, {vocab}); were they made with this model's tokenizer?"
+            )
 
 
 def plan_pruning(

@@ -18,11 +18,20 @@ from .report import PruningReport
 
 
 def check_export_dir(export_dir: str | os.PathLike, field: str = "export_dir") -> pathlib.Path:
-    """Fail early (before any weight changes) when the target exists and is not an empty directory; the error
-    names the argument ``field``."""
+    """Fail early (before any weight changes) when the target exists and is not an empty directory, or cannot be
+    created where it is (under a file, a dangling link, a read-only parent); the error names the argument ``field``."""
     path = pathlib.Path(export_dir)
+    if path.is_symlink() and not path.exists():
+        raise FileExistsError(f"{field}={str(path)!r} is a link to nothing; choose a new directory")
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"{field}={str(path)!r} already exists and is not empty; choose a new directory")
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"{field}={str(path)!r} lies under {str(ancestor)!r}, which is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PermissionError(f"{field}={str(path)!r}: cannot create it, {str(ancestor)!r} is not writable")
     return path
 
 

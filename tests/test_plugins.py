@@ -120,13 +120,20 @@ def test_random_baseline_is_reproducible_exact_and_seeded():
     assert (pruned_max < kept_min).all()
 
 
-def test_data_free_methods_run_no_forward_pass():
+# Calls reaching block 0 per batch: capturing its inputs (the embedding forward stops at its entry) counts one.
+@pytest.mark.parametrize(("method", "allocation", "passes"), [
+    ("magnitude", "uniform", 0),  # reads no statistics: not even the embedding runs
+    ("random", "uniform", 0),
+    ("wanda", "uniform", 3),  # capture, one statistics pass, one run as pruned to feed block 1
+    ("magnitude", "owl", 2),  # the allocation's dense profile only: capture and one pass keeping the outputs
+])  # fmt: skip
+def test_only_what_is_read_is_computed(method, allocation, passes):
     model = make_llama()
     calls = []
     model.model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
-    prune_model(model, random_batches(), PruningConfig(0.5, "magnitude", "uniform"), progress=False)
-    assert calls == []
-    prune_model(make_llama(), random_batches(), PruningConfig(0.5, "wanda", "uniform"), progress=False)
+    batches = random_batches()
+    prune_model(model, batches, PruningConfig(0.5, method, allocation), progress=False)
+    assert len(calls) == passes * len(batches)
 
 
 class CapturedWanda(PruningMethod):

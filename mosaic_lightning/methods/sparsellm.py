@@ -55,10 +55,14 @@ class SparseLLM(PruningMethod):
 
     Args:
         iterations: alternating rounds per block (reference: 4).
-        alpha, beta, gamma: penalty weights of the auxiliary-variable objective (reference, Llama family: 5).
-        s_steps, s_lr: gradient passes and learning rate of the gate-output update (reference: 2, 0.01).
-        chunk_tokens: tokens per chunk in the token-wise updates (reference: 1000 for the ``s`` step).
-        blocksize, damp: SparseGPT's settings for every pruning step.
+        alpha: weight of ``||s - W_gate X||^2`` (reference, Llama family: 5; OPT: 0.1).
+        beta: weight of ``||Y - W_down p||^2`` (reference, Llama family: 5).
+        gamma: weight of ``||p - act(s) * z||^2`` (reference, Llama family: 5).
+        s_steps: gradient passes of the gate-output update (reference: 2).
+        s_lr: learning rate of the gate-output update (reference: 0.01).
+        chunk_tokens: tokens per chunk of the gate-output update (reference: 1000).
+        blocksize: SparseGPT's column block for every pruning step (reference: 128).
+        damp: SparseGPT's relative Hessian damping (reference: 0.01).
     """
 
     name = "sparsellm"

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from ..calibration import swapped_weights
 from ..evaluation import perplexity
+from ..validation import check_int, check_open_unit
 from ..zero import is_partitioned
 from .base import Allocation, AllocationContext, Budget, exact_counts
 
@@ -73,11 +74,9 @@ class MSP(Allocation):
         for field, value, low in (("population", population, 2), ("generations", generations, 0),
                                   ("mutations", mutations, 0), ("fitness_batches", fitness_batches, 1),
                                   ("fisher_batches", fisher_batches, 1), ("seed", seed, 0)):  # fmt: skip
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"msp {field}={value!r}; must be an integer >= {low}")
-        for field, value in (("mutation_step", mutation_step), ("max_spread", max_spread)):
-            if not (isinstance(value, int | float) and math.isfinite(value) and 0 < value < 1):
-                raise ValueError(f"msp {field}={value!r}; allowed values: 0 < {field} < 1")
+            check_int(f"msp {field}", value, low)
+        check_open_unit("msp mutation_step", mutation_step)
+        check_open_unit("msp max_spread", max_spread)
         self.population, self.generations, self.mutations = population, generations, mutations
         self.mutation_step, self.max_spread = float(mutation_step), float(max_spread)
         self.fitness_batches, self.fisher_batches, self.seed = fitness_batches, fisher_batches, seed

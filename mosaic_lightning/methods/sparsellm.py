@@ -44,6 +44,7 @@ from torch import nn
 
 from ..block import BlockContext, ProjectionStatistics
 from ..patterns import Pattern
+from ..validation import check_int, check_positive
 from .base import PruneResult, PruningMethod
 from .sparsegpt import SparseGPT
 
@@ -79,12 +80,11 @@ class SparseLLM(PruningMethod):
         blocksize: int = 128,
         damp: float = 0.01,
     ) -> None:
-        for field, value in (("iterations", iterations), ("s_steps", s_steps), ("chunk_tokens", chunk_tokens)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if field == "s_steps" else 1):
-                raise ValueError(f"sparsellm {field}={value!r}; must be an integer >= {0 if field == 's_steps' else 1}")
+        check_int("sparsellm iterations", iterations, 1)
+        check_int("sparsellm s_steps", s_steps, 0)
+        check_int("sparsellm chunk_tokens", chunk_tokens, 1)
         for field, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma), ("s_lr", s_lr)):
-            if not (isinstance(value, int | float) and value > 0 and value < float("inf")):
-                raise ValueError(f"sparsellm {field}={value!r}; must be a finite number > 0")
+            check_positive(f"sparsellm {field}", value)
         self.iterations, self.s_steps, self.chunk_tokens = iterations, s_steps, chunk_tokens
         self.alpha, self.beta, self.gamma, self.s_lr = float(alpha), float(beta), float(gamma), float(s_lr)
         self._sparsegpt = SparseGPT(blocksize=blocksize, damp=damp)

@@ -62,9 +62,9 @@ def prepare() -> None:
 
 
 def _path(kind: str) -> str:
-    from mosaic_lightning.assets import _ensure_bundled_fp32
+    from mosaic_lightning.assets import ensure_bundled_fp32
 
-    return str(_ensure_bundled_fp32()) if kind == "dense" else str(MODELS / kind)
+    return str(ensure_bundled_fp32()) if kind == "dense" else str(MODELS / kind)
 
 
 @torch.no_grad()

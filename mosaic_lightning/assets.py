@@ -57,7 +57,7 @@ def load_causal_lm(pretrained: str, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
     if pretrained == BUNDLED_MODEL:
-        pretrained = str(_ensure_bundled_fp32())
+        pretrained = str(ensure_bundled_fp32())
     model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=dtype, trust_remote_code=False)
     return model
 
@@ -66,7 +66,7 @@ def _bundled_fp32_dir() -> pathlib.Path:
     return cache_dir() / "smollm2-135m-fp32"
 
 
-def _ensure_bundled_fp32() -> pathlib.Path:
+def ensure_bundled_fp32() -> pathlib.Path:
     """Dequantize the bundled GGUF once (~20 s) and keep an fp32 safetensors copy (loads in ~3 s)."""
     target = _bundled_fp32_dir()
     if (target / "config.json").exists():

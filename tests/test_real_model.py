@@ -240,7 +240,8 @@ trainer:
 
 def test_deepspeed_cli_zero3_lora_composite_export_on_real_model(tmp_path, text_files):
     """The whole CLI job on 2 ZeRO-3 ranks: the model loads partitioned, perplexity is shared by the ranks, LoRA
-    recovers, and the export is consolidated on rank 0 one module at a time, compacted and plain-loadable."""
+    recovers, and the export is consolidated on rank 0 one module at a time, compacted and plain-loadable. From a
+    cold cache (the bundled model not yet dequantized), as a user's first ZeRO-3 run is."""
     import os
 
     from test_deepspeed import _env, _free_port
@@ -249,7 +250,7 @@ def test_deepspeed_cli_zero3_lora_composite_export_on_real_model(tmp_path, text_
     (tmp_path / "zero3.yaml").write_text(ZERO3_ON_CPU)
     export = tmp_path / "export"
     path = os.pathsep.join([str(ROOT / "tests/distributed"), os.environ.get("PYTHONPATH", "")])
-    env = _env(MASTER_PORT=str(_free_port()), PYTHONPATH=path)
+    env = _env(MASTER_PORT=str(_free_port()), PYTHONPATH=path, MOSAIC_CACHE=str(tmp_path / "cold-cache"))
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "fit",
          "--config", str(ROOT / "recipes/mosaic-50-lora.yaml"), "--config", str(tmp_path / "zero3.yaml"),

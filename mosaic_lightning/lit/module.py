@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torchmetrics.text import Perplexity
 
-from ..assets import BUNDLED_MODEL, load_causal_lm
+from ..assets import BUNDLED_MODEL, ensure_bundled_fp32, load_causal_lm
 from ..evaluation import update_perplexity
 
 
@@ -56,6 +56,13 @@ class CausalLM(L.LightningModule):
         self.save_hyperparameters()
         self.model = None
         self.val_perplexity = Perplexity()
+
+    def prepare_data(self) -> None:
+        """Dequantize the bundled model into its fp32 cache here, on one process per node and outside any
+        ``zero.Init``: a first (cold-cache) load inside ZeRO-3's partitioned init would fail in transformers'
+        weight initialisation."""
+        if self.hparams.pretrained == BUNDLED_MODEL:
+            ensure_bundled_fp32()
 
     def configure_model(self) -> None:
         if self.model is None:

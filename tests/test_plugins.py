@@ -197,3 +197,18 @@ def test_cli_runs_a_method_from_the_users_module(tmp_path, user_module, tiny_mod
     assert report["config"]["method"] == {"class_path": "my_methods.PowerMagnitude", "init_args": {"alpha": 2.0}}
     assert report["achieved_sparsity"] == pytest.approx(0.6, abs=1e-4)
     assert all(p["achieved_sparsity"] == p["requested_sparsity"] for p in report["projections"])
+
+
+@pytest.mark.parametrize("value", ["sparsegpt", {"class_path": "sparsegpt", "init_args": {"mask_scope": "block"}},
+                                   {"class_path": "mosaic_lightning.methods.SparseLLM", "init_args": {"iterations": 2}},
+                                   RandomScores(seed=4)])  # fmt: skip
+def test_recorded_config_rebuilds_the_same_method(value):
+    import copy
+
+    from mosaic_lightning.methods import resolve_method
+
+    method = resolve_method(value)
+    recorded = method.to_config()
+    rebuilt = resolve_method(recorded)
+    assert type(rebuilt) is type(method) and rebuilt.to_config() == recorded
+    assert copy.deepcopy(method).to_config() == recorded  # Lightning may deepcopy callbacks and their options

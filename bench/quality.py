@@ -9,6 +9,7 @@ articles and evaluates perplexity on 512-token windows of the last 20 (never cal
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import time
@@ -16,6 +17,7 @@ import time
 import torch
 
 from mosaic_lightning import PruningConfig, perplexity, prune_model
+from mosaic_lightning.allocation import MSP
 from mosaic_lightning.assets import BUNDLED_MODEL, load_causal_lm, load_tokenizer, wikipedia_split
 from mosaic_lightning.lit.data import TokenWindows
 
@@ -44,9 +46,14 @@ MSP_ROWS = [(0.75, m, a) for m in ("wanda", "sparsegpt") for a in ("uniform", "o
 
 
 def configs(args) -> list[PruningConfig]:
-    """The suite's rows, narrowed by --allocations / --methods / --sparsities where given."""
+    """The suite's rows, narrowed by --allocations / --methods / --sparsities where given; --msp-args replaces
+    the MSP allocation's arguments (JSON)."""
+    rows = _suite(args.suite)
+    if args.msp_args:
+        rows = [dataclasses.replace(c, allocation=MSP(**json.loads(args.msp_args))) if c.allocation.label == "msp"
+                else c for c in rows]  # fmt: skip
     return [
-        c for c in _suite(args.suite)
+        c for c in rows
         if (args.allocations is None or c.allocation.label in args.allocations)
         and (args.methods is None or c.method.label in args.methods)
         and (args.sparsities is None or c.sparsity in args.sparsities)
@@ -99,6 +106,7 @@ def main() -> None:
     parser.add_argument("--allocations", nargs="*", default=None, help="only rows with these allocations")
     parser.add_argument("--methods", nargs="*", default=None, help="only rows with these methods")
     parser.add_argument("--sparsities", nargs="*", type=float, default=None, help="only rows at these sparsities")
+    parser.add_argument("--msp-args", default=None, help='MSP arguments as JSON, e.g. \'{"population": 4}\'')
     parser.add_argument("--out", default="bench/out/quality.json")
     args = parser.parse_args()
 

@@ -135,7 +135,7 @@ def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         cwd=cwd,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1200,  # the default recipe prunes with SparseGPT; generous for a loaded machine
     )
 
 

@@ -172,13 +172,8 @@ class BlockContext:
         """The block's outputs, optionally with ``[out, in]`` weights (by projection key) swapped in."""
         if not weights:
             return run_block(self.block, self.inputs)
-        values: dict[nn.Parameter, torch.Tensor] = {}
-        for proj in self.projections:
-            if proj.key in weights:
-                if proj.weight not in values:
-                    with self.gathered(proj):
-                        values[proj.weight] = proj.weight.data.clone()
-                proj.to_param_layout(weights[proj.key], values[proj.weight])
+        changed = [p for p in self.projections if p.key in weights]
+        values = parameter_values(changed, lambda proj, view: view.copy_(weights[proj.key]))
         with swapped_weights(values):
             return run_block(self.block, self.inputs)
 
@@ -245,6 +240,21 @@ class ProjectionStatistics:
         if self._columns is not None:
             columns = self._columns[columns]
         return ProjectionStatistics(self._block, self._proj, columns)
+
+
+def parameter_values(
+    projections: Sequence[Projection], edit: Callable[[Projection, torch.Tensor], None]
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Whole copies of the projections' parameters (gathered under ZeRO-3; one copy per parameter, so a fused
+    module's parts share it), with ``edit(proj, view)`` applied in place to each projection's ``[out, in]`` view:
+    the values to swap in (``swapped_weights``) to run a block as pruned or under candidate weights."""
+    values: dict[nn.Parameter, torch.Tensor] = {}
+    for proj in projections:
+        if proj.weight not in values:
+            with gathered(proj.module):
+                values[proj.weight] = proj.weight.data.clone()
+        edit(proj, proj.view_of(values[proj.weight]))
+    return values
 
 
 def _io_recorder(store: tuple[list, list]) -> Callable:

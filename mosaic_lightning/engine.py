@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .adapters import ModelAdapter, Projection
 from .allocation import AllocationContext, exact_counts
-from .block import BlockContext, InputStream, PruneResult
+from .block import BlockContext, InputStream, PruneResult, parameter_values
 from .config import PruningConfig
 from .masks import MaskStore
 from .report import ProjectionReport, PruningReport
@@ -250,17 +250,14 @@ def _pending_values(adapter: ModelAdapter, layer: int, pending: _Pending) -> dic
     projs = [p for p in adapter.projections(layer) if p.key in pending.keeps]
     if not projs:
         return None
-    values: dict[nn.Parameter, torch.Tensor] = {}
-    for proj in projs:
-        if proj.weight not in values:
-            with gathered(proj.module):
-                values[proj.weight] = proj.weight.data.clone()
-        full = values[proj.weight]
+
+    def edit(proj: Projection, view: torch.Tensor) -> None:
         if proj.key in pending.weights:
-            proj.to_param_layout(pending.weights[proj.key], full)
+            view.copy_(pending.weights[proj.key])
         else:  # mask-only method: the weights as they are, pruned entries zeroed
-            proj.view_of(full).masked_fill_(~pending.keeps[proj.key], 0)
-    return values
+            view.masked_fill_(~pending.keeps[proj.key], 0)
+
+    return parameter_values(projs, edit)
 
 
 @torch.no_grad()

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from ..block import parameter_values
 from ..calibration import swapped_weights
 from ..evaluation import perplexity
 from ..validation import check_int, check_open_unit
@@ -212,13 +213,12 @@ class _Search:
         wanted = {p.key: float(individual[self.layers.index(p.layer)]) for p in projections}
         counts = exact_counts(sizes, wanted, self.target, self.low, self.high)
         pattern = config.build_pattern()
-        values: dict[torch.nn.Parameter, torch.Tensor] = {}
-        for proj in projections:
-            if proj.weight not in values:
-                values[proj.weight] = proj.weight.detach().clone()
-            view = proj.view_of(values[proj.weight])
+
+        def prune(proj, view: torch.Tensor) -> None:
             scores = config.method.scores(proj.weight_view().detach(), _ColumnNorms(self.norms[proj.key]))
             view.masked_fill_(~pattern.keep_mask(scores, counts[proj.key]), 0)
+
+        values = parameter_values(projections, prune)
         with swapped_weights(values):
             value = perplexity(self.context.model, self.fitness_batches, progress=False)
         return _mean_over_ranks(value)

@@ -44,6 +44,7 @@ from torch import nn
 
 from ..block import BlockContext, ProjectionStatistics
 from ..patterns import Pattern
+from ..stats import sum_over_ranks
 from ..validation import check_int, check_positive
 from .base import PruneResult, PruningMethod
 from .sparsegpt import SparseGPT
@@ -118,7 +119,7 @@ class SparseLLM(PruningMethod):
                 weights["gate"] = _gram(s, x) @ x_pinv_gram
                 gram_p = _gram(p, p)
                 weights["down"] = _gram(y, p) @ torch.linalg.pinv(gram_p, hermitian=True)
-                hessian_p = gram_p / _count(p)
+                hessian_p = gram_p / sum_over_ranks(p.shape[0])
             hessians = {"gate": hessian_x, "up": hessian_x, "down": hessian_p}
             for name in MLP_NAMES:
                 result = self._sparsegpt.prune(
@@ -194,13 +195,6 @@ def _check_block(block: BlockContext, mlp: dict) -> None:
 
 def _tokens(batches: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([b.reshape(-1, b.shape[-1]).float() for b in batches])
-
-
-def _count(tokens: torch.Tensor) -> int:
-    count = torch.tensor([tokens.shape[0]], dtype=torch.float64, device=tokens.device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(count)
-    return int(count.item())
 
 
 def _gram(a: torch.Tensor, b: torch.Tensor, chunk: int = 8192) -> torch.Tensor:

@@ -12,7 +12,7 @@ import time
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .callbacks import CompactOnFitEnd, MosaicPruning
 from .callbacks.compact_on_fit_end import final_model
@@ -61,7 +61,10 @@ class MosaicCLI(LightningCLI):
         callback = self._pruning_callback()
         report = callback.report
         if report is None:
-            raise RuntimeError("pruning did not run (resumed runs export from the run that pruned)")
+            raise RuntimeError(
+                "pruning did not run: the schedule never pruned (check its steps against trainer.max_steps), or "
+                "ckpt_path points to a checkpoint written before this version kept the pruning report"
+            )
         if config.evaluate:
             self._metrics["ppl_pruned"] = self._perplexity("pruned perplexity")
         report.metrics.update(self._metrics)
@@ -94,13 +97,29 @@ class MosaicCLI(LightningCLI):
 
 class _DensePerplexity(Callback):
     """Dense perplexity at fit start, before ``MosaicPruning`` prunes: the strategy has set the model up by then
-    (ZeRO-3: partitioned, forwards gather), and every rank scores its share of the batches."""
+    (ZeRO-3: partitioned, forwards gather), and every rank scores its share of the batches.
+
+    The value travels in checkpoints: a resumed run holds pruned weights at fit start, so it reports the dense
+    perplexity its first run measured instead of scoring the pruned model as dense.
+    """
 
     def __init__(self, cli: MosaicCLI) -> None:
         self.cli = cli
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        if "ppl_dense" in self.cli._metrics:  # restored from the checkpoint
+            return
+        if trainer.ckpt_path is not None and not trainer.strategy.restore_checkpoint_after_setup:
+            rank_zero_warn("ppl_dense not measured: the checkpoint holds none (its run had evaluate=false) and the "
+                           "model holds its resumed, pruned weights already")  # fmt: skip
+            return
         self.cli._metrics["ppl_dense"] = self.cli._perplexity("dense perplexity")
+
+    def state_dict(self) -> dict[str, float]:
+        return {k: v for k, v in self.cli._metrics.items() if k in ("ppl_dense", "dense_eval_s")}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self.cli._metrics.update(state_dict)
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from ..config import PruningConfig
 from ..engine import PruningOutcome, prune_model
 from ..masks import MaskStore
 from ..methods import PruningMethod
-from ..report import PruningReport
+from ..report import ProjectionReport, PruningReport
 from ..schedules import OneShot, Schedule
 from ..trainer_access import causal_lm
 from ..zero import deepspeed_engine
@@ -28,7 +28,8 @@ class MosaicPruning(L.Callback):
     By default the model is pruned one-shot at fit start from calibration batches (layer-streamed); other
     schedules prune at a given step or gradually during training. After every
     optimizer step the pruned weights are set back to exactly zero and their optimizer moments cleared, so
-    training never regrows them. Masks are saved in and restored from Lightning checkpoints.
+    training never regrows them. Masks, the report and the schedule's state are saved in and restored from
+    Lightning checkpoints, so a resumed run reports and exports what an uninterrupted one would.
 
     The LightningModule must expose its Hugging Face causal LM as ``.model`` (as :class:`~mosaic_lightning.CausalLM`
     does) or be one itself.
@@ -202,6 +203,7 @@ class MosaicPruning(L.Callback):
             "masks": None if self.masks is None else self.masks.state_dict(),
             "structure": self.structure,
             "schedule": self.schedule.state_dict(),
+            "report": None if self.report is None else dataclasses.asdict(self.report),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -210,6 +212,8 @@ class MosaicPruning(L.Callback):
             self.masks.load_state_dict(state_dict["masks"])
         self.structure = state_dict.get("structure", {})
         self.schedule.load_state_dict(state_dict.get("schedule", {}))
+        if state_dict.get("report") is not None:  # a resumed run reports and exports what the pruning run measured
+            self.report = _report_from_state(state_dict["report"])
 
 
 def build_model_now(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -224,6 +228,12 @@ def build_model_now(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         trainer.precision_plugin.module_init_context(),
     ):
         pl_module.configure_model()
+
+
+def _report_from_state(state: dict) -> PruningReport:
+    """The report from its ``dataclasses.asdict`` form (plain containers: loads with ``weights_only=True``)."""
+    projections = [ProjectionReport(**p) for p in state.get("projections", [])]
+    return PruningReport(**{**state, "projections": projections})
 
 
 def _shard(batches: list[torch.Tensor], trainer: L.Trainer) -> list[torch.Tensor]:

@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..assets import BUNDLED_MODEL, load_tokenizer, wikipedia_split
+from .resumable import EpochShuffle, ResumableLoader
 
 
 class TokenWindows(Dataset):
@@ -96,10 +97,9 @@ class TextDataModule(L.LightningDataModule):
         return torch.tensor(ids, dtype=torch.long)
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(
-            self.train_set, batch_size=self.hparams.batch_size, shuffle=True, generator=generator
-        )
+        """Shuffled per epoch from ``seed``; its position travels in checkpoints (resumes mid-epoch exactly)."""
+        sampler = EpochShuffle(len(self.train_set), self.hparams.seed)
+        return ResumableLoader(self.train_set, batch_size=self.hparams.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.eval_set, batch_size=self.hparams.batch_size)

@@ -20,6 +20,7 @@ from .evaluation import perplexity
 from .export import check_export_dir, save_pruned
 from .lit import CausalLM, TextDataModule
 from .trainer_access import causal_lm, find_callback
+from .zero_shot import ZeroShotAccuracy, check_task_options, evaluation_table
 
 
 class MosaicCLI(LightningCLI):
@@ -38,6 +39,12 @@ class MosaicCLI(LightningCLI):
             "--export_dir", type=str | None, default=None, help="where to save the pruned HF model"
         )
         parser.add_argument("--evaluate", type=bool, default=True, help="perplexity before and after pruning")
+        parser.add_argument("--evaluate_tasks", type=list[str] | str | None, default=None,
+                            help="lm-eval tasks scored before and after pruning, e.g. '[social_iqa_local]'")
+        parser.add_argument("--evaluate_include_path", type=str | None, default=None,
+                            help="a folder of your own lm-eval task YAMLs (the package's tasks are always included)")
+        parser.add_argument("--evaluate_limit", type=int | None, default=None,
+                            help="score only the first N items of each lm-eval task")  # fmt: skip
         parser.add_argument(
             "--compress_export", type=bool, default=False, help="store unstructured zeros as bitmask + values"
         )
@@ -50,6 +57,11 @@ class MosaicCLI(LightningCLI):
         config = self.config[self.subcommand]
         if config.export_dir:
             check_export_dir(config.export_dir)
+        tasks = check_task_options(config.evaluate_tasks, config.evaluate_include_path, config.evaluate_limit)
+        self._zero_shot = None
+        if tasks:  # names checked here, before any work; dense accuracy at fit start, before pruning
+            self._zero_shot = ZeroShotAccuracy(tasks, config.evaluate_include_path, config.evaluate_limit)
+            self.trainer.callbacks.insert(0, self._zero_shot)
         self._clock = time.perf_counter()
         self.datamodule.setup("fit")
         self._metrics: dict[str, float] = {}
@@ -67,14 +79,21 @@ class MosaicCLI(LightningCLI):
             )
         if config.evaluate:
             self._metrics["ppl_pruned"] = self._perplexity("pruned perplexity")
+        model = self._final_model(callback)
+        if self._zero_shot:  # on the model as exported (rank 0)
+            self._zero_shot.evaluate_pruned(self.trainer, model)
+            report.tasks = self._zero_shot.results
+            self._metrics.update(self._zero_shot.seconds)
+        logged = {**self._metrics, **(self._zero_shot.logged_metrics() if self._zero_shot else {})}
         report.metrics.update(self._metrics)
         report.timings["total"] = time.perf_counter() - self._clock
         report.record_peak_memory("total")
         for logger in self.trainer.loggers:
-            logger.log_metrics(self._metrics, step=self.trainer.global_step)
+            logger.log_metrics(logged, step=self.trainer.global_step)
             logger.save()
         rank_zero_info(report.summary())
-        model = self._final_model(callback)
+        if self._zero_shot:
+            rank_zero_info(evaluation_table(self._metrics, report.tasks))
         if config.export_dir and self.trainer.is_global_zero:
             path = save_pruned(model, self.datamodule.tokenizer, config.export_dir, report, config.compress_export)
             rank_zero_info(f"saved pruned model and pruning_report.json to {path}")

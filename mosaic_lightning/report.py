@@ -35,6 +35,7 @@ class PruningReport:
     peak_memory_mb: dict[str, float] = field(default_factory=dict)
     structure: dict[str, list[int]] = field(default_factory=dict)
     allocation: dict = field(default_factory=dict)  # what the allocation measured or searched (MSP: its search)
+    tasks: dict = field(default_factory=dict)  # lm-eval metrics: {task: {"dense": {...}, "pruned": {...}}}
 
     @property
     def params_targeted(self) -> int:
@@ -75,6 +76,7 @@ class PruningReport:
             "projections": [asdict(p) for p in self.projections],
             "structure": self.structure,
             "allocation": self.allocation,
+            "tasks": self.tasks,
         }
 
     def save_json(self, path: str | os.PathLike) -> None:

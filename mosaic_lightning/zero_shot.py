@@ -1,0 +1,194 @@
+"""Zero-shot accuracy with lm-evaluation-harness: its ``HFLM`` wrapped around the in-memory model.
+
+Task names are checked (and a :class:`TaskManager` built) before any pruning work, so a typo fails in seconds
+instead of after the prune. The package's own task folder (``mosaic_lightning/tasks``: the local BIG-bench
+tasks, which need no hub) is always on lm-eval's include path; a user's folder of task YAMLs is added with
+``include_path``. Standard lm-eval names (``arc_easy``, ``hellaswag``, ...) work where their datasets can be
+downloaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+
+from lightning.pytorch import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from .consolidate import consolidated_copy
+from .tasks import TASK_DIR
+from .trainer_access import causal_lm
+from .zero import is_partitioned
+
+
+def check_task_options(
+    tasks: Sequence[str] | str | None, include_path: str | None, limit: int | None
+) -> list[str] | None:
+    """The task names as a list (one name works too), after the checks that need no lm-eval index; errors name
+    the CLI flag."""
+    if tasks is None:
+        for flag, value in (("--evaluate_include_path", include_path), ("--evaluate_limit", limit)):
+            if value is not None:
+                raise ValueError(f"{flag}={value!r} has no effect without --evaluate_tasks")
+        return None
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    if not tasks or not all(isinstance(t, str) and t.strip() for t in tasks):
+        raise ValueError(f"--evaluate_tasks={tasks!r}; give a non-empty list of lm-eval task names, e.g. "
+                         "'[social_iqa_local]'")  # fmt: skip
+    if include_path is not None and not os.path.isdir(include_path):
+        raise NotADirectoryError(f"--evaluate_include_path={include_path!r} is not a directory of lm-eval task YAMLs")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"--evaluate_limit={limit!r}; must be an integer >= 1 (or null for every item)")
+    return tasks
+
+
+def task_manager(tasks: Sequence[str], include_path: str | None = None):
+    """An lm-eval ``TaskManager`` that knows every name in ``tasks``, or a ``ValueError`` naming the unknown ones.
+
+    The package's folder and ``include_path`` are indexed first; lm-eval's own ~15k task index (slower to build)
+    only when a name is not found there.
+    """
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(TASK_DIR)] + ([str(include_path)] if include_path else [])
+    local = TaskManager(include_path=paths, include_defaults=False)
+    if set(tasks) <= set(local.all_tasks):
+        return local
+    manager = TaskManager(include_path=paths)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        hints = sorted({m for t in unknown for m in difflib.get_close_matches(t, manager.all_tasks, n=5, cutoff=0.6)})
+        raise ValueError(
+            f"--evaluate_tasks: unknown lm-eval task(s) {unknown}; similar: {hints or 'none'}; local tasks (no hub "
+            f"needed): {local.all_tasks}; lm-eval knows {len(manager.all_tasks)} tasks and groups "
+            "(`lm-eval ls tasks`); --evaluate_include_path adds a folder of your own task YAMLs"
+        )
+    return manager
+
+
+def zero_shot_accuracy(
+    model: nn.Module,
+    tokenizer,
+    tasks: Sequence[str],
+    manager,
+    limit: int | None = None,
+    batch_size: int = 16,
+) -> dict[str, dict[str, float | None]]:
+    """lm-eval's metrics per task (``acc``, ``acc_stderr``, ``acc_norm``, ``acc_norm_stderr``, ...) and the number
+    of items scored (``samples``), from ``HFLM`` on ``model`` as it is in memory.
+
+    Runs in the calling process only (the CLI calls it on rank 0). The model's train/eval mode is restored,
+    global RNGs are left alone (lm-eval reseeds them by default, which would desynchronise DDP ranks), and the
+    tokenizer is copied because ``HFLM`` sets a pad token on the one it is given.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    was_training = model.training
+    try:
+        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+        output = simple_evaluate(
+            lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False,
+            random_seed=None, numpy_random_seed=None, torch_random_seed=None,
+        )  # fmt: skip
+    finally:
+        model.train(was_training)
+    return {
+        task: {**_metric_values(values), "samples": output["n-samples"].get(task, {}).get("effective")}
+        for task, values in output["results"].items()
+    }
+
+
+def _metric_values(values: Mapping) -> dict[str, float | None]:
+    """``{"acc,none": 0.5, "acc_stderr,none": "N/A", "alias": ...}`` -> ``{"acc": 0.5, "acc_stderr": None}``:
+    lm-eval's names, the filter kept only where it is not the default ``none``."""
+    out = {}
+    for key, value in values.items():
+        metric, _, filter_name = key.partition(",")
+        if not filter_name:
+            continue  # "alias", "name", ...: labels, not metrics
+        number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+        out[metric if filter_name == "none" else key] = None if number is not None and math.isnan(number) else number
+    return out
+
+
+class ZeroShotAccuracy(Callback):
+    """lm-eval accuracy of the dense model at fit start (insert it before ``MosaicPruning``) and, through
+    :meth:`evaluate_pruned`, of the final model; ``results`` is ``{task: {"dense": metrics, "pruned": metrics}}``.
+
+    Only global rank 0 runs lm-eval (the others wait at a barrier), so no rank repeats another's work. Under
+    ZeRO-3 the dense model is partitioned: it is consolidated on rank 0's CPU first (every rank takes part). The
+    dense results travel in checkpoints, as a resumed run holds pruned weights at fit start.
+    """
+
+    def __init__(self, tasks: Sequence[str] | str, include_path: str | None = None, limit: int | None = None) -> None:
+        self.tasks = check_task_options(tasks, include_path, limit)
+        self.manager = task_manager(self.tasks, include_path)  # fails on unknown names before any work
+        self.limit = limit
+        self.results: dict[str, dict[str, dict]] = {}
+        self.seconds: dict[str, float] = {}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if any("dense" in phases for phases in self.results.values()):  # restored from the checkpoint
+            return
+        if trainer.ckpt_path is not None and not trainer.strategy.restore_checkpoint_after_setup:
+            rank_zero_warn("dense zero-shot accuracy not measured: the checkpoint holds none and the model holds "
+                           "its resumed, pruned weights already")  # fmt: skip
+            return
+        model = causal_lm(pl_module)
+        if is_partitioned(next(model.parameters())):
+            model = consolidated_copy(model, None, keep=trainer.is_global_zero)
+        self._evaluate("dense", trainer, model)
+
+    def evaluate_pruned(self, trainer, model: nn.Module | None) -> None:
+        """Every rank calls it; ``model`` is the final (exported) model on rank 0, and may be None elsewhere."""
+        self._evaluate("pruned", trainer, model)
+
+    def _evaluate(self, phase: str, trainer, model: nn.Module | None) -> None:
+        if trainer.is_global_zero:
+            clock = time.perf_counter()
+            scores = zero_shot_accuracy(model, trainer.datamodule.tokenizer, self.tasks, self.manager, self.limit)
+            for task, metrics in scores.items():
+                self.results.setdefault(task, {})[phase] = metrics
+            self.seconds[f"{phase}_tasks_s"] = time.perf_counter() - clock
+        trainer.strategy.barrier(f"zero_shot_{phase}")
+
+    def logged_metrics(self) -> dict[str, float]:
+        """``{"<task>/<metric>_<dense|pruned>": value}`` of every numeric metric, for the Lightning loggers."""
+        return {f"{task}/{metric}_{phase}": value
+                for task, phases in self.results.items() for phase, metrics in phases.items()
+                for metric, value in metrics.items() if value is not None}  # fmt: skip
+
+    def state_dict(self) -> dict:
+        return {"dense": {task: phases["dense"] for task, phases in self.results.items() if "dense" in phases}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for task, metrics in state_dict["dense"].items():
+            self.results.setdefault(task, {})["dense"] = metrics
+
+
+def evaluation_table(metrics: Mapping[str, float], tasks: Mapping[str, Mapping[str, Mapping]]) -> str:
+    """Dense vs pruned, one row per perplexity and task metric (``± stderr`` where lm-eval gave one)."""
+    rows = [("perplexity", _cell(metrics.get("ppl_dense")), _cell(metrics.get("ppl_pruned")))]
+    if "ppl_dense" not in metrics and "ppl_pruned" not in metrics:
+        rows = []
+    for task, phases in tasks.items():
+        names = [m for m in phases.get("dense", {}) if not m.endswith("_stderr") and m != "samples"]
+        for name in names:
+            rows.append((f"{task} {name}", *(_cell(phases.get(p, {}).get(name), phases.get(p, {}).get(f"{name}_stderr"))
+                                             for p in ("dense", "pruned"))))  # fmt: skip
+    width = max([len(r[0]) for r in rows] + [6])
+    lines = [f"{'':<{width}}  {'dense':>16}  {'pruned':>16}"]
+    lines += [f"{label:<{width}}  {dense:>16}  {pruned:>16}" for label, dense, pruned in rows]
+    return "\n".join(lines)
+
+
+def _cell(value: float | None, stderr: float | None = None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f} ± {stderr:.4f}" if stderr is not None else f"{value:.4f}"

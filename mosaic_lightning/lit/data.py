@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..assets import BUNDLED_MODEL, load_tokenizer, wikipedia_split
+from .hf_text import documents, load_split, take_documents
 from .resumable import EpochShuffle, ResumableLoader
 
 
@@ -25,10 +26,12 @@ class TokenWindows(Dataset):
 
 
 class TextDataModule(L.LightningDataModule):
-    """Train/calibration windows from ``train_files``; held-out perplexity windows from ``eval_files``.
+    """Train/calibration windows from ``train_files`` (or ``dataset``); held-out perplexity windows from
+    ``eval_files`` (or ``eval_split`` of ``eval_dataset``, by default of ``dataset``).
 
-    Without files, the bundled Wikipedia sample is used: the first 80 articles for calibration and training,
-    the last 20 for evaluation (split by article, never calibrating on test text).
+    Without files or a dataset, the bundled Wikipedia sample is used: the first 80 articles for calibration and
+    training, the last 20 for evaluation (split by article, never calibrating on test text). A dataset's rows
+    are documents, joined with a blank line exactly as several files are.
 
     Args:
         tokenizer: tokenizer source (hub id, local dir or ``bundled:smollm2-135m``); the CLI links it to
@@ -39,6 +42,16 @@ class TextDataModule(L.LightningDataModule):
         num_calibration_samples: windows drawn (seeded) from the training text for calibration.
         max_eval_windows: evaluate on the first N held-out windows only (None = all).
         seed: seed of the calibration draw and training shuffle.
+        dataset: a ``datasets`` source instead of files: hub id, ``save_to_disk`` folder, folder of data files, or
+            one json/jsonl/parquet/csv/txt file (a single file is one split whatever ``split`` says).
+        dataset_config: the configuration name of a hub dataset (e.g. ``wikitext-2-raw-v1``).
+        split: the split of ``dataset`` that calibrates and trains.
+        eval_dataset: where the held-out text comes from (default: ``dataset``, at ``eval_split``).
+        eval_split: the split of ``eval_dataset`` (or ``dataset``) that is evaluated.
+        text_column: the column holding the text, in both.
+        streaming: read the datasets lazily and stop once the text holds the windows needed:
+            ``num_calibration_samples`` for calibration and training, ``max_eval_windows`` for evaluation
+            (the whole split when that is null).
     """
 
     def __init__(
@@ -51,6 +64,13 @@ class TextDataModule(L.LightningDataModule):
         num_calibration_samples: int = 128,
         max_eval_windows: int | None = None,
         seed: int = 0,
+        dataset: str | None = None,
+        dataset_config: str | None = None,
+        split: str = "train",
+        eval_dataset: str | None = None,
+        eval_split: str = "validation",
+        text_column: str = "text",
+        streaming: bool = False,
     ) -> None:
         super().__init__()
         if seq_len < 2:
@@ -64,6 +84,10 @@ class TextDataModule(L.LightningDataModule):
         train_files, eval_files = _as_list(train_files), _as_list(eval_files)
         if (train_files is None) != (eval_files is None):
             raise ValueError("give both train_files and eval_files, or neither (bundled Wikipedia sample)")
+        if dataset is not None and train_files is not None:
+            raise ValueError("give data.dataset or data.train_files/eval_files, not both")
+        if dataset is None and eval_dataset is not None:
+            raise ValueError(f"data.eval_dataset={eval_dataset!r} needs data.dataset (the calibration text)")
         self.save_hyperparameters()
         self.tokenizer = None
         self.train_set: TokenWindows | None = None
@@ -74,7 +98,9 @@ class TextDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         self.tokenizer = load_tokenizer(hp.tokenizer)
-        if hp.train_files is None:
+        if hp.dataset is not None:
+            train_docs, eval_docs = self._dataset_documents()
+        elif hp.train_files is None:
             train_docs, eval_docs = wikipedia_split()
         else:
             train_docs, eval_docs = (
@@ -85,12 +111,33 @@ class TextDataModule(L.LightningDataModule):
         self.eval_set = TokenWindows(self._tokenize(eval_docs), hp.seq_len)
         if len(self.train_set) == 0:
             raise ValueError(
-                f"train_files hold fewer than seq_len={hp.seq_len} tokens: the calibration set is empty"
+                f"the training text (train_files or dataset) holds fewer than seq_len={hp.seq_len} tokens: "
+                "the calibration set is empty"
             )
         if len(self.eval_set) == 0:
-            raise ValueError(f"eval_files hold fewer than seq_len={hp.seq_len} tokens: nothing to evaluate")
+            raise ValueError(f"the held-out text (eval_files, eval_dataset or dataset's eval_split) holds fewer than "
+                             f"seq_len={hp.seq_len} tokens: nothing to evaluate")  # fmt: skip
         if hp.max_eval_windows is not None:
             self.eval_set.windows = self.eval_set.windows[: hp.max_eval_windows]
+
+    def _dataset_documents(self) -> tuple[list[str], list[str]]:
+        """Calibration/training documents from ``dataset``; held-out ones from ``eval_dataset`` or ``dataset``."""
+        hp = self.hparams
+        train = self._split_documents(hp.dataset, hp.split, hp.dataset_config, ("dataset", "split"),
+                                      hp.num_calibration_samples)  # fmt: skip
+        if hp.eval_dataset is None:
+            held_out = (hp.dataset, hp.eval_split, hp.dataset_config, ("dataset", "eval_split"))
+        else:
+            held_out = (hp.eval_dataset, hp.eval_split, None, ("eval_dataset", "eval_split"))
+        return train, self._split_documents(*held_out, hp.max_eval_windows)
+
+    def _split_documents(self, source: str, split: str, config: str | None, fields: tuple[str, str],
+                         windows: int | None) -> list[str]:  # fmt: skip
+        """The split's texts; streamed, only as many leading rows as ``windows`` windows need."""
+        hp = self.hparams
+        rows = documents(load_split(source, split, config, hp.streaming, fields), hp.text_column, source, fields[0])
+        needed = windows * hp.seq_len if hp.streaming and windows else None
+        return take_documents(rows, lambda docs: self._tokenize(docs).numel(), needed)
 
     def _tokenize(self, docs: list[str]) -> torch.Tensor:
         ids = self.tokenizer("\n\n".join(docs), add_special_tokens=False)["input_ids"]

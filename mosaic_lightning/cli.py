@@ -95,7 +95,8 @@ class MosaicCLI(LightningCLI):
         if self._zero_shot:
             rank_zero_info(evaluation_table(self._metrics, report.tasks))
         if config.export_dir and self.trainer.is_global_zero:
-            path = save_pruned(model, self.datamodule.tokenizer, config.export_dir, report, config.compress_export)
+            path = save_pruned(model, self.datamodule.tokenizer, config.export_dir, report, config.compress_export,
+                               base_model=config.model.pretrained)  # fmt: skip
             rank_zero_info(f"saved pruned model and pruning_report.json to {path}")
 
     def _final_model(self, callback: MosaicPruning) -> torch.nn.Module | None:

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from safetensors.torch import save_file
 from torch import nn
 
+from .model_card import model_card
 from .report import PruningReport
 
 
@@ -42,8 +43,10 @@ def save_pruned(
     report: PruningReport | None = None,
     compress: bool = False,
     extra_files: dict[str, str] | None = None,
+    base_model: str | None = None,
 ) -> pathlib.Path:
-    """``save_pretrained`` (safetensors) + tokenizer + ``pruning_report.json`` + sparsity heat map.
+    """``save_pretrained`` (safetensors) + tokenizer + ``pruning_report.json`` + sparsity heat map + a model card
+    (``README.md``, naming ``base_model``: what the model was loaded from, by default its ``_name_or_path``).
 
     With ``compress``, weights that are at least 25% zeros are stored as a packed bitmask plus their nonzero
     values in ``model.mosaic.safetensors`` (the file shrinks with the unstructured sparsity); such a directory
@@ -64,6 +67,8 @@ def save_pruned(
             report.save_json(tmp / "pruning_report.json")
             report.save_heatmap(tmp / "sparsity_heatmap.png")
             report.save_search_plot(tmp / "allocation_search.png")
+            base_model = base_model or getattr(getattr(model, "config", None), "_name_or_path", None)
+            (tmp / "README.md").write_text(model_card(report, base_model), encoding="utf-8")
     return pathlib.Path(export_dir).absolute()
 
 

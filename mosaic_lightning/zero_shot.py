@@ -25,6 +25,8 @@ from .tasks import TASK_DIR
 from .trainer_access import causal_lm
 from .zero import is_partitioned
 
+TaskResults = Mapping[str, Mapping[str, Mapping]]  # {task: {"dense" | "pruned": {metric: value}}}
+
 
 def check_task_options(
     tasks: Sequence[str] | str | None, include_path: str | None, limit: int | None
@@ -172,23 +174,33 @@ class ZeroShotAccuracy(Callback):
             self.results.setdefault(task, {})["dense"] = metrics
 
 
-def evaluation_table(metrics: Mapping[str, float], tasks: Mapping[str, Mapping[str, Mapping]]) -> str:
-    """Dense vs pruned, one row per perplexity and task metric (``± stderr`` where lm-eval gave one)."""
-    rows = [("perplexity", _cell(metrics.get("ppl_dense")), _cell(metrics.get("ppl_pruned")))]
-    if "ppl_dense" not in metrics and "ppl_pruned" not in metrics:
-        rows = []
+def evaluation_rows(metrics: Mapping[str, float], tasks: TaskResults) -> list[tuple[str, str, str]]:
+    """``(label, dense, pruned)`` per perplexity and task metric (``± stderr`` where lm-eval gave one), shared by
+    the printed table and the model card."""
+    rows = []
+    if "ppl_dense" in metrics or "ppl_pruned" in metrics:
+        rows.append(("perplexity", metric_cell(metrics.get("ppl_dense")), metric_cell(metrics.get("ppl_pruned"))))
     for task, phases in tasks.items():
-        names = [m for m in phases.get("dense", {}) if not m.endswith("_stderr") and m != "samples"]
-        for name in names:
-            rows.append((f"{task} {name}", *(_cell(phases.get(p, {}).get(name), phases.get(p, {}).get(f"{name}_stderr"))
-                                             for p in ("dense", "pruned"))))  # fmt: skip
+        dense, pruned = phases.get("dense", {}), phases.get("pruned", {})
+        items = dense.get("samples") or pruned.get("samples")
+        for name in [m for m in {**dense, **pruned} if not m.endswith("_stderr") and m != "samples"]:
+            rows.append((f"{task} {name}" + (f" ({items} items)" if items else ""),
+                         metric_cell(dense.get(name), dense.get(f"{name}_stderr")),
+                         metric_cell(pruned.get(name), pruned.get(f"{name}_stderr"))))  # fmt: skip
+    return rows
+
+
+def evaluation_table(metrics: Mapping[str, float], tasks: TaskResults) -> str:
+    """Dense vs pruned as aligned text, for the log."""
+    rows = evaluation_rows(metrics, tasks)
     width = max([len(r[0]) for r in rows] + [6])
     lines = [f"{'':<{width}}  {'dense':>16}  {'pruned':>16}"]
     lines += [f"{label:<{width}}  {dense:>16}  {pruned:>16}" for label, dense, pruned in rows]
     return "\n".join(lines)
 
 
-def _cell(value: float | None, stderr: float | None = None) -> str:
+def metric_cell(value: float | None, stderr: float | None = None) -> str:
+    """``0.3560 ± 0.0214``, ``-`` when not measured."""
     if value is None:
         return "-"
     return f"{value:.4f} ± {stderr:.4f}" if stderr is not None else f"{value:.4f}"

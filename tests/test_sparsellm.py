@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mosaic_lightning import PruningConfig, prune_model
 from mosaic_lightning.methods import SparseLLM
-from mosaic_lightning.methods.sparsellm import mlp_activation, update_p, update_z
+from mosaic_lightning.methods.sparsellm import mlp_activation, update_p, update_s_step, update_z
 
 
 def test_p_update_is_the_least_squares_solution():
@@ -110,3 +110,33 @@ def test_refused_without_a_gated_mlp_or_with_whole_units_and_nothing_changes():
 def test_bad_options_name_the_field(option, value):
     with pytest.raises(ValueError, match=f"sparsellm {option}="):
         SparseLLM(**{option: value})
+
+
+def _s_problem(z_scale: float):
+    g = torch.Generator().manual_seed(4)
+    s, gate_x, p = (torch.randn(64, 32, generator=g) for _ in range(3))
+    return s, gate_x, z_scale * torch.randn(64, 32, generator=g), p
+
+
+def _objective(s, gate_x, z, p, alpha=5.0, gamma=5.0):
+    return alpha * (s - gate_x) ** 2 + gamma * (p - F.silu(s) * z) ** 2
+
+
+def test_s_step_is_the_references_gradient_step_where_that_is_stable():
+    s, gate_x, z, p = _s_problem(z_scale=0.3)  # small up outputs: lr * curvature well below 1
+    sig = torch.sigmoid(s)
+    silu_slope = sig * (1 + s * (1 - sig))  # d silu / ds, by hand
+    grad = 10 * (s - gate_x) - 10 * (p - F.silu(s) * z) * silu_slope * z
+    reference = s - 0.01 * grad
+    assert (_objective(reference, gate_x, z, p) < _objective(s, gate_x, z, p)).all()
+    torch.testing.assert_close(update_s_step(s, gate_x, z, p, F.silu, 5.0, 5.0, 0.01), reference)
+
+
+def test_s_step_never_raises_an_elements_objective_where_the_fixed_step_diverges():
+    s, gate_x, z, p = _s_problem(z_scale=40.0)  # up outputs as large as SmolLM2's layer 11
+    before = _objective(s, gate_x, z, p)
+    s_leaf = s.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(_objective(s_leaf, gate_x, z, p).sum(), s_leaf)
+    assert _objective(s - 0.01 * grad, gate_x, z, p).sum() > 10 * before.sum()  # the reference's step blows up
+    after = _objective(update_s_step(s, gate_x, z, p, F.silu, 5.0, 5.0, 0.01), gate_x, z, p)
+    assert (after <= before).all() and after.sum() < 0.9 * before.sum()

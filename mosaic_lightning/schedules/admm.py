@@ -1,31 +1,44 @@
-"""Elsa-style ADMM pruning: constrain the real training loss to the sparse set, then hard-prune.
+"""ADMM pruning as Elsa publishes it: constrain the real training loss to the sparse set, then hard-prune.
 
 One-shot methods prune against a layer-wise reconstruction proxy. ADMM instead solves
 ``min f(W) s.t. W in S`` on the training loss ``f`` itself (S: exactly the configured number of weights pruned
 per projection, in the configured pattern), by splitting ``W = Z`` (scaled form, ``U`` = running residual):
 
-    x-step  the optimizer's own steps on ``f(W) + rho/2 ||W - Z + U||^2`` (the penalty's gradient
-            ``rho (W - Z + U)`` is added to ``W.grad`` after every backward)
-    z-step  ``Z = Proj(W + U)`` every ``projection_every`` optimizer steps
-    u-step  ``U = U + W - Z``
+    x-step  the optimizer's own steps on ``f(W) + lambda/2 ||W - Z + U||^2``: the penalty's gradient
+            ``lambda (W - Z + U)`` joins ``W.grad`` inside the optimizer step, after gradient clipping (as Elsa's
+            ``ADMMOptimizer`` does), so clipping never scales it, and once per optimizer step whatever the
+            gradient accumulation
+    z-step  ``Z = Proj(W + U)`` every ``projection_every`` optimizer steps, from the step ADMM starts
+    u-step  ``U = U + W - Z``; when the penalty weight changes (``rho_schedule``), ``U`` is rescaled by
+            ``lambda_old / lambda_new`` so the unscaled dual ``lambda U`` is unchanged
 
-``Proj`` keeps the largest ``|.|`` under the callback's pattern (per row, per layer or N:M) with the exact
-per-projection counts of :func:`~mosaic_lightning.allocation.exact_counts`, which is the Euclidean projection onto
-S. At ``end_step`` (or at train end) the weights are hard-pruned to the support of ``Proj(W)`` and the callback
-holds the masks from then on, as after a one-shot prune.
+``Proj`` keeps the largest scores under the callback's pattern with the exact per-projection counts of
+:func:`~mosaic_lightning.allocation.exact_counts`: Elsa projects per tensor (pattern ``unstructured-layer``, as
+``recipes/admm-80.yaml`` sets); ``unstructured`` projects per row, ``N:M`` per group. The score is ``|W + U|``
+(the Euclidean projection onto S), or with ``projection="objective"`` Elsa's objective-aware ``v (W + U)^2``, ``v``
+the optimizer's second moment (Adam's ``exp_avg_sq``, not bias-corrected, as the reference; ``Z0`` is by
+magnitude since no moment exists yet). At ``end_step`` (or at train end) the weights are hard-pruned to the
+support of ``Proj(W)`` (same score) and the callback holds the masks from then on: training after ``end_step``
+is a masked fine-tune (off by default, as in Elsa).
+
+Elsa's optimizer (Adam, betas (0.9, 0.95), no weight decay, lr 2e-4 decaying linearly to 0, no warmup, clip 1.0)
+is the LightningModule's, not this schedule's: :class:`~mosaic_lightning.CausalLM` takes ``betas`` and
+``lr_schedule="linear"`` and ``recipes/admm-80.yaml`` sets them.
 
 Memory: ``Z`` and ``U`` are fp32 copies of every targeted weight on its device, i.e. 8 extra bytes per targeted
 weight: twice the targeted weights in fp32, four times in bf16 (Elsa-L quantises this state; not done here).
 Runs on one device, DDP and DeepSpeed ZeRO-1/2/3; every rank holds the same whole ``Z``/``U``. Under DeepSpeed
 the weights are its fp32 masters and the penalty joins the reduced fp32 gradient in the optimizer's partitions,
-once per accumulation boundary; reading either assembles one parameter at a time from all ranks (so each step
-moves every targeted weight and gradient over the network once more). FSDP is refused.
+once per accumulation boundary, before DeepSpeed's own step: DeepSpeed clips inside that step, so there (only)
+the penalty is clipped with the loss gradient; ``projection="objective"`` is refused there (the moments are
+partitioned). Reading either assembles one parameter at a time from all ranks. FSDP is refused.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from typing import Literal
 
 import lightning as L
 import torch
@@ -41,52 +54,91 @@ from ..methods import Magnitude
 from ..patterns import Pattern
 from ..report import PruningReport
 from ..trainer_access import causal_lm
+from ..validation import check_int, check_positive
 from ..zero import add_to_grad_, deepspeed_engine, full_fp32
 from .base import PruningHost, Schedule
 
 _UNSUPPORTED_STRATEGIES = (FSDPStrategy, ModelParallelStrategy)
+RHO_SCHEDULES = ("constant", "linear", "cosine", "exponential")
+PROJECTIONS = ("magnitude", "objective")
 
 
-def sparse_projection(x: torch.Tensor, num_prune: int, pattern: Pattern) -> tuple[torch.Tensor, torch.Tensor]:
-    """Euclidean projection of ``x`` (``[out, in]``) onto ``pattern``'s sets with ``num_prune`` zeros.
+def sparse_projection(
+    x: torch.Tensor, num_prune: int, pattern: Pattern, scores: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projection of ``x`` (``[out, in]``) onto ``pattern``'s sets with ``num_prune`` zeros.
 
-    The nearest such point keeps the largest ``|x|`` (per row, per layer or per group of M) and zeros the rest.
-    Returns ``(projected, keep)``.
+    Keeps the largest ``scores`` (default ``|x|``, which makes it the Euclidean projection: the nearest such point)
+    per row, per layer or per group of M and zeros the rest. Returns ``(projected, keep)``.
     """
-    keep = pattern.keep_mask(x.abs(), num_prune)
+    keep = pattern.keep_mask(x.abs() if scores is None else scores, num_prune)
     return x.masked_fill(~keep, 0), keep
+
+
+def penalty_weight(schedule: str, start: float, final: float, step: int, total: int) -> float:
+    """The penalty weight ``lambda`` at ``step`` of ``total`` ADMM steps, as Elsa's schedules: constant ``final``,
+    or from ``start`` to ``final`` linearly, along a half cosine, or geometrically (a zero ``start`` is taken as
+    1e-12 there, as the reference does)."""
+    if schedule == "constant" or total <= 0:
+        return final
+    frac = min(max(step / total, 0.0), 1.0)
+    if schedule == "linear":
+        return start + (final - start) * frac
+    if schedule == "cosine":
+        return start + (final - start) * 0.5 * (1 - math.cos(math.pi * frac))
+    origin = start if start > 0 else 1e-12
+    return origin * (final / origin) ** frac
 
 
 class ADMM(Schedule):
     """ADMM (Elsa) during training, hard-pruned at ``end_step``; see the module docstring for the algorithm.
 
-    The projection is magnitude-based by construction, so the callback's ``method`` is not used; its
-    ``sparsity``, ``allocation``, ``pattern``, ``targets`` and ``exclude`` are. Composite (structured) pruning is
-    not supported.
+    The projection scores magnitude (or the objective-aware ``v W^2``) by construction, so the callback's
+    ``method`` is not used; its ``sparsity``, ``allocation``, ``pattern``, ``targets`` and ``exclude`` are.
+    Composite (structured) pruning is not supported.
 
     Args:
-        rho: penalty weight of ``rho/2 ||W - Z + U||^2`` (Elsa's lambda, 0.01); larger pulls ``W`` to the sparse
-            set faster at the cost of the loss.
+        rho: the penalty weight ``lambda`` of ``lambda/2 ||W - Z + U||^2`` (Elsa: 0.01), its final value under a
+            ``rho_schedule``; larger pulls ``W`` to the sparse set faster at the cost of the loss.
         projection_every: optimizer steps between z/u updates (Elsa: 32).
         start_step: optimizer step at which ADMM starts (``Z = Proj(W)``, ``U = 0``); before it, plain training.
         end_step: optimizer step after which the model is hard-pruned; None = the run's last step (``max_steps``,
             or train end for epoch-bounded runs). Training after it keeps the pruned weights at zero.
+        rho_schedule: ``constant`` (Elsa's default), or ``linear`` / ``cosine`` / ``exponential`` from
+            ``rho_start`` to ``rho`` over the ADMM steps (updated at each z/u step); needs a known end step.
+        rho_start: the schedule's first penalty weight (>= 0).
+        projection: ``magnitude`` (``|W + U|``, Elsa's default) or ``objective`` (``v (W + U)^2`` with Adam's
+            second moment ``v``).
     """
 
     def __init__(
-        self, rho: float = 0.01, projection_every: int = 32, start_step: int = 0, end_step: int | None = None
+        self,
+        rho: float = 0.01,
+        projection_every: int = 32,
+        start_step: int = 0,
+        end_step: int | None = None,
+        rho_schedule: Literal["constant", "linear", "cosine", "exponential"] = "constant",
+        rho_start: float = 0.0,
+        projection: Literal["magnitude", "objective"] = "magnitude",
     ) -> None:
-        if isinstance(rho, bool) or not isinstance(rho, int | float) or not (math.isfinite(rho) and rho > 0):
-            raise ValueError(f"rho={rho!r}; allowed values: a finite number > 0 (Elsa uses 0.01)")
-        _check_int("projection_every", projection_every, 1)
-        _check_int("start_step", start_step, 0)
+        check_positive("ADMM rho", rho)
+        check_int("ADMM projection_every", projection_every, 1)
+        check_int("ADMM start_step", start_step, 0)
         if end_step is not None:
-            _check_int("end_step", end_step, start_step + 1, "None or an integer > start_step")
+            check_int("ADMM end_step", end_step, start_step + 1)
+        if rho_schedule not in RHO_SCHEDULES:
+            raise ValueError(f"ADMM rho_schedule={rho_schedule!r}; allowed values: {', '.join(RHO_SCHEDULES)}")
+        if isinstance(rho_start, bool) or not isinstance(rho_start, int | float) or not 0 <= rho_start < math.inf:
+            raise ValueError(f"ADMM rho_start={rho_start!r}; must be a finite number >= 0")
+        if projection not in PROJECTIONS:
+            raise ValueError(f"ADMM projection={projection!r}; allowed values: {', '.join(PROJECTIONS)}")
         self.rho, self.projection_every = float(rho), projection_every
         self.start_step, self.end_step = start_step, end_step
+        self.rho_schedule, self.rho_start, self.projection = rho_schedule, float(rho_start), projection
         self._reset()
         self._end: int | None = end_step  # end_step resolved against the run in check_run
         self._adapter: ModelAdapter | None = None
+        self._optimizers: list[torch.optim.Optimizer] = []
 
     def _reset(self) -> None:
         self.z: dict[str, torch.Tensor] = {}
@@ -96,6 +148,7 @@ class ADMM(Schedule):
         self.started_at: int | None = None  # global step at which Z, U were initialised
         self.last_projection_step = -1  # with gradient accumulation several batches end on one step
         self.num_projections = 0
+        self.current_rho = self.rho
         self.finished = False
         self.seconds = 0.0  # wall time spent in penalty and projections
 
@@ -113,6 +166,7 @@ class ADMM(Schedule):
         if not self.finished:
             self._check_model(callback, trainer)
         self._check_steps(trainer)
+        self._check_deepspeed(trainer)
 
     def _check_steps(self, trainer: L.Trainer) -> None:
         max_steps = trainer.max_steps
@@ -123,6 +177,24 @@ class ADMM(Schedule):
             raise ValueError(
                 f"ADMM start_step={self.start_step} leaves no step before ADMM ends at step {self._end} "
                 f"(trainer.max_steps={max_steps}); lower start_step or raise max_steps"
+            )
+        if self.rho_schedule != "constant" and self._end is None:
+            raise ValueError(
+                f"ADMM rho_schedule={self.rho_schedule!r} needs the run's last step: set end_step or trainer.max_steps"
+            )
+
+    def _check_deepspeed(self, trainer: L.Trainer) -> None:
+        if type(trainer.strategy).__name__ != "DeepSpeedStrategy":
+            return
+        if self.projection == "objective":
+            raise ValueError(
+                "ADMM projection='objective' reads the optimizer's second moments, which DeepSpeed partitions; "
+                "use projection='magnitude' under DeepSpeed"
+            )
+        if trainer.gradient_clip_val:
+            rank_zero_warn(
+                "ADMM under DeepSpeed: DeepSpeed clips gradients inside its own step, so the ADMM penalty is "
+                "clipped with the loss gradient (Elsa adds it after clipping, as ADMM does on other strategies)"
             )
 
     def _check_model(self, callback: PruningHost, trainer: L.Trainer) -> None:
@@ -135,7 +207,7 @@ class ADMM(Schedule):
             )
         self._check_projections(self._adapter_for(causal_lm(trainer.lightning_module), config), config)
         if not isinstance(config.method, Magnitude):
-            rank_zero_warn(f"ADMM projects by magnitude |W + U|; method={config.method!r} is not used")
+            rank_zero_warn(f"ADMM projects by {self.projection} scores; method={config.method!r} is not used")
 
     def _check_projections(self, adapter: ModelAdapter, config: PruningConfig) -> None:
         """Every target takes the pattern and is trained; a resumed state covers exactly these targets."""
@@ -160,15 +232,15 @@ class ADMM(Schedule):
             clock = time.perf_counter()
             self._start(callback, trainer, model)
             self.seconds += time.perf_counter() - clock
+        if self.active and deepspeed_engine(trainer) is None:
+            self._wrap_optimizer_steps(trainer, model, callback.config)
 
     def on_after_backward(self, callback: PruningHost, trainer: L.Trainer, model: nn.Module) -> None:
-        if not self.active:
-            return
         engine = deepspeed_engine(trainer)
-        if engine is not None and not engine.is_gradient_accumulation_boundary():
+        if not self.active or engine is None or not engine.is_gradient_accumulation_boundary():
             return  # DeepSpeed reduces gradients into its fp32 partitions at the boundary: the penalty joins there
         clock = time.perf_counter()
-        self._add_penalty_grad(self._adapter_for(model, callback.config), _grad_scale(trainer, engine))
+        self.add_penalty_grad(self._adapter_for(model, callback.config), _deepspeed_grad_scale(trainer, engine))
         self.seconds += time.perf_counter() - clock
 
     def on_train_batch_end(self, callback: PruningHost, trainer: L.Trainer, model: nn.Module) -> None:
@@ -179,6 +251,7 @@ class ADMM(Schedule):
             self.last_projection_step = step
             clock = time.perf_counter()
             self._z_u_step(self._adapter_for(model, callback.config), callback.config.build_pattern())
+            self._update_rho(step)
             self.seconds += time.perf_counter() - clock
         if self._end is not None and step >= self._end:
             self._finish(callback, trainer, model)
@@ -187,10 +260,58 @@ class ADMM(Schedule):
         if not self.finished:
             self._finish(callback, trainer, model)
 
+    # -- the penalty, inside the optimizer step ----------------------------------------------------------
+    def _wrap_optimizer_steps(self, trainer: L.Trainer, model: nn.Module, config: PruningConfig) -> None:
+        """Make each optimizer add the penalty after the gradient is final: Lightning passes ``step`` a closure
+        that runs backward and then clips, so the penalty goes in after that closure returns (or, when the closure
+        has already run, as with a 16-bit GradScaler, before the step proper). Once per optimizer, idempotent."""
+        self._optimizers = list(trainer.optimizers)
+        for optimizer in self._optimizers:
+            if getattr(optimizer.step, "admm_schedule", None) is self:
+                continue
+            optimizer.step = self._penalised_step(optimizer.step, model, config)
+
+    def _penalised_step(self, step, model: nn.Module, config: PruningConfig):
+        def penalised_step(closure=None, **kwargs):
+            def add_penalty() -> None:
+                if self.active:
+                    clock = time.perf_counter()
+                    self.add_penalty_grad(self._adapter_for(model, config))
+                    self.seconds += time.perf_counter() - clock
+
+            if closure is None:
+                add_penalty()
+                return step(**kwargs)
+
+            def closure_with_penalty():
+                loss = closure()
+                add_penalty()
+                return loss
+
+            return step(closure=closure_with_penalty, **kwargs)
+
+        penalised_step.admm_schedule = self
+        return penalised_step
+
+    @torch.no_grad()
+    def add_penalty_grad(self, adapter: ModelAdapter, scale: float = 1.0) -> None:
+        """``W.grad += lambda (W - Z + U)``, in the parameter's own layout (Conv1D keeps ``[in, out]``; GPT-2's
+        fused ``c_attn`` gathers its three projections' penalties into one tensor). ``scale`` puts it on the
+        gradient's scale where that is not the loss's own (DeepSpeed's loss scaling)."""
+        for projs in _by_parameter(adapter.all_projections()):
+            param = projs[0].weight
+            weight = full_fp32(param)
+            penalty = torch.zeros_like(weight)
+            for proj in projs:
+                z, u = self._state_of(proj)
+                proj.view_of(penalty).copy_(proj.view_of(weight) - z).add_(u)
+            add_to_grad_(param, penalty.mul_(self.current_rho * scale))
+
     # -- the ADMM steps ------------------------------------------------------------------------------------
     @torch.no_grad()
     def _start(self, callback: PruningHost, trainer: L.Trainer, model: nn.Module) -> None:
-        """``Z = Proj(W)``, ``U = 0``, with the exact counts fixed for the whole run."""
+        """``Z = Proj(W)`` (by magnitude: no second moment exists yet), ``U = 0``, with the exact counts fixed for
+        the whole run."""
         config = callback.config
         adapter, pattern = self._adapter_for(model, config), config.build_pattern()
         self._plan(callback, trainer, model, adapter)
@@ -198,6 +319,7 @@ class ADMM(Schedule):
             self.z[proj.key], _ = sparse_projection(weight_of(proj), self.counts[proj.key], pattern)
             self.u[proj.key] = torch.zeros_like(self.z[proj.key])
         self.started_at = self.last_projection_step = trainer.global_step
+        self.current_rho = self._rho_at(trainer.global_step)
 
     def _plan(self, callback: PruningHost, trainer: L.Trainer, model: nn.Module, adapter: ModelAdapter) -> None:
         """Exact counts from the engine's planner: the callback's allocation, measured on its calibration batches
@@ -208,27 +330,41 @@ class ADMM(Schedule):
         self.counts, self.ratios = plan.counts, plan.ratios
 
     @torch.no_grad()
-    def _add_penalty_grad(self, adapter: ModelAdapter, scale: float) -> None:
-        """``W.grad += rho (W - Z + U)``, in the parameter's own layout (Conv1D keeps ``[in, out]``; GPT-2's fused
-        ``c_attn`` gathers its three projections' penalties into one tensor)."""
-        for projs in _by_parameter(adapter.all_projections()):
-            param = projs[0].weight
-            weight = full_fp32(param)
-            penalty = torch.zeros_like(weight)
-            for proj in projs:
-                z, u = self._state_of(proj)
-                proj.view_of(penalty).copy_(proj.view_of(weight) - z).add_(u)
-            add_to_grad_(param, penalty.mul_(self.rho * scale))
-
-    @torch.no_grad()
     def _z_u_step(self, adapter: ModelAdapter, pattern: Pattern) -> None:
         """``Z = Proj(W + U)``, ``U = U + W - Z``; new tensors, so a checkpoint being written keeps its copy."""
         for proj in adapter.all_projections():
             z, u = self._state_of(proj)
             w = weight_of(proj)
-            z, _ = sparse_projection(w + u, self.counts[proj.key], pattern)
+            x = w + u
+            z, _ = sparse_projection(x, self.counts[proj.key], pattern, self._scores(proj, x))
             self.z[proj.key], self.u[proj.key] = z, (w - z).add_(u)
         self.num_projections += 1
+
+    def _rho_at(self, step: int) -> float:
+        total = (self._end - self.started_at) if self._end is not None else 0
+        return penalty_weight(self.rho_schedule, self.rho_start, self.rho, step - self.started_at, total)
+
+    def _update_rho(self, step: int) -> None:
+        """The scheduled ``lambda`` from this z/u step on; ``U`` rescaled by ``lambda_old / lambda_new``."""
+        new = self._rho_at(step)
+        if new != self.current_rho:
+            factor = self.current_rho / new
+            self.u = {key: u * factor for key, u in self.u.items()}
+            self.current_rho = new
+
+    def _scores(self, proj: Projection, x: torch.Tensor) -> torch.Tensor | None:
+        """``v x^2`` for the objective-aware projection (None: magnitude), ``v`` the optimizer's second moment."""
+        if self.projection == "magnitude":
+            return None
+        param = proj.weight
+        for optimizer in self._optimizers:
+            moment = optimizer.state.get(param, {}).get("exp_avg_sq")
+            if moment is not None:
+                return proj.view_of(moment.float()) * x.square()
+        raise RuntimeError(
+            f"ADMM projection='objective' needs the optimizer's second moment (exp_avg_sq) of {proj.param_name}; "
+            "use an Adam-type optimizer or projection='magnitude'"
+        )
 
     @torch.no_grad()
     def _finish(self, callback: PruningHost, trainer: L.Trainer, model: nn.Module) -> None:
@@ -241,12 +377,15 @@ class ADMM(Schedule):
         """
         clock = time.perf_counter()
         config, adapter = callback.config, self._adapter_for(model, callback.config)
-        pattern = config.build_pattern()
+        pattern, self._optimizers = config.build_pattern(), list(trainer.optimizers)
         if self.started_at is None:  # the run ended before start_step: plain magnitude pruning
             rank_zero_warn(f"ADMM never started (run ended before start_step={self.start_step}); magnitude-pruning")
             self._plan(callback, trainer, model, adapter)
-        projs = adapter.all_projections()
-        keeps = {p.key: sparse_projection(weight_of(p), self.counts[p.key], pattern)[1] for p in projs}
+        keeps = {}
+        for proj in adapter.all_projections():
+            w = weight_of(proj)
+            scores = self._scores(proj, w) if self.started_at is not None else None
+            keeps[proj.key] = sparse_projection(w, self.counts[proj.key], pattern, scores)[1]
         metrics = self._diagnostics(adapter, keeps)
         masks = commit_masks(adapter, keeps)
         report = self._report(adapter, config, keeps, metrics, time.perf_counter() - clock)
@@ -315,6 +454,7 @@ class ADMM(Schedule):
             "started_at": self.started_at,
             "last_projection_step": self.last_projection_step,
             "num_projections": self.num_projections,
+            "current_rho": self.current_rho,
             "finished": self.finished,
             "seconds": self.seconds,
         }
@@ -326,24 +466,16 @@ class ADMM(Schedule):
         self.started_at = state.get("started_at")
         self.last_projection_step = state.get("last_projection_step", -1)
         self.num_projections = state.get("num_projections", 0)
+        self.current_rho = state.get("current_rho", self.rho)
         self.finished = state.get("finished", False)
         self.seconds = state.get("seconds", 0.0)
 
 
-def _check_int(name: str, value, minimum: int, allowed: str | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r}; allowed values: {allowed or f'an integer >= {minimum}'}")
-
-
-def _grad_scale(trainer: L.Trainer, engine=None) -> float:
-    """Factor that puts the penalty on the gradients' scale: Lightning divides the loss by the accumulation
-    count and a 16-bit loss scaler (torch's GradScaler, or DeepSpeed's inside its optimizer) multiplies it; the
-    penalty must follow both to stay ``rho (W - Z + U)``."""
-    if engine is not None:
-        loss_scale = float(getattr(engine.optimizer, "loss_scale", 1.0) or 1.0)
-    else:
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        loss_scale = float(scaler.get_scale()) if scaler is not None else 1.0
+def _deepspeed_grad_scale(trainer: L.Trainer, engine) -> float:
+    """Factor that puts the penalty on the scale of DeepSpeed's reduced gradient at the accumulation boundary:
+    Lightning divides the loss by the accumulation count and DeepSpeed's 16-bit loss scaler multiplies it (both are
+    undone inside DeepSpeed's step), so the penalty must follow both to stay ``lambda (W - Z + U)``."""
+    loss_scale = float(getattr(engine.optimizer, "loss_scale", 1.0) or 1.0)
     return loss_scale / trainer.accumulate_grad_batches
 
 

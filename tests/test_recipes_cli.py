@@ -51,3 +51,27 @@ def test_recipe_runs_through_the_cli_with_the_acceptance_overrides(tmp_path, tin
     model = AutoModelForCausalLM.from_pretrained(export)
     zeros = sum(int((p == 0).sum()) for n, p in model.named_parameters() if n.endswith("_proj.weight"))
     assert zeros >= report["params_pruned"]
+
+
+def test_admm_recipe_runs_with_its_acceptance_overrides(tmp_path, tiny_model_dir):
+    """recipes/admm-80 with --pruning.sparsity, --trainer.max_steps, --trainer.gradient_clip_val and
+    --trainer.accumulate_grad_batches: the export holds exactly the target sparsity, per tensor."""
+    train, test = write_text_files(tmp_path)
+    export = tmp_path / "export"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "recipes/admm-80.yaml"),
+         "--model.pretrained", str(tiny_model_dir), "--data.train_files", str(train), "--data.eval_files", str(test),
+         "--data.seq_len", "32", "--data.max_eval_windows", "2", "--trainer.logger", "false",
+         "--pruning.sparsity", "0.6", "--trainer.max_steps", "4", "--trainer.gradient_clip_val", "0.5",
+         "--trainer.accumulate_grad_batches", "2", "--pruning.schedule.init_args.projection_every", "2",
+         "--export_dir", str(export)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((export / "pruning_report.json").read_text())
+    assert report["params_pruned"] == round(0.6 * report["params_targeted"])
+    assert report["admm_z_steps"] == 2
+    model = AutoModelForCausalLM.from_pretrained(export)
+    for name, param in model.named_parameters():
+        if name.endswith("_proj.weight"):
+            assert abs(int((param == 0).sum()) - 0.6 * param.numel()) < 1, name

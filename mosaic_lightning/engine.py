@@ -28,7 +28,7 @@ from .report import ProjectionReport, PruningReport
 from .stats import sum_over_ranks
 from .structure import (
     UnitGroup,
-    choose_removed,
+    check_removals,
     plan_removals,
     structural_counts,
     structural_keep,
@@ -152,9 +152,12 @@ def plan_pruning(
     if groups:
         by_layer = {layer: {p.name: p for p in adapter.projections(layer)} for layer in range(adapter.num_layers)}
         target = round(config.structured_fraction * goal)
-        removals = plan_removals(
-            groups, by_layer, budget.ratios, target, config.uniform_structure, config.structure_lambda
-        )
+        removals = budget.unit_removals  # an allocation may plan the units itself (StructPrune's energy softmax)
+        if removals is None:
+            removals = plan_removals(
+                groups, by_layer, budget.ratios, target, config.uniform_structure, config.structure_lambda
+            )
+        check_removals(groups, removals, f"allocation {config.allocation.label!r}")
         structural = structural_counts(groups, removals, by_layer)
     remaining = {k: n - structural.get(k, 0) for k, n in sizes.items()}
     single = goal - sum(structural.values())
@@ -207,15 +210,12 @@ def _sequential_prune(model, adapter, batches, config: PruningConfig, plan: Plan
 
 
 def _remove_units(block: BlockContext, method, plan: Plan, pending: _Pending) -> None:
-    """Choose the block's planned units (lowest summed method score of their input columns in down/o) and
-    record their structural keep masks on the block for the method to prune around."""
+    """Let the method choose the block's planned units (``method.select_units``) and record their structural
+    keep masks on the block for the method to prune around."""
     projs = {p.name: p for p in block.projections}
     for group in (g for g in plan.unit_groups if g.layer == block.layer):
-        consumer = projs[group.cols[0]]
-        with block.gathered(consumer):
-            columns = method.scores(consumer.weight_view(), block.stats(consumer)).sum(dim=0)
-        importance = columns.view(group.count, group.size).sum(dim=1)
-        removed = choose_removed(group, importance, plan.removals[group.key])
+        removed = method.select_units(block, group, plan.removals[group.key])
+        check_removals([group], {group.key: plan.removals[group.key]}, f"method {method!r}", removed)
         pending.removed[group.key] = removed
         for name in (*group.rows, *group.cols):
             key = projs[name].key

@@ -107,6 +107,31 @@ def choose_removed(group: UnitGroup, scores: torch.Tensor, num_remove: int) -> l
     return sorted(removed)
 
 
+def check_removals(
+    groups: list[UnitGroup], removals: dict[str, int], who: str, removed: list[int] | None = None
+) -> None:
+    """A plan (units per group) or one group's chosen units that the engine can apply: every group planned, each
+    count valid (equal per GQA group, one unit left per group) and, with ``removed``, distinct in-range indices in
+    equal numbers per group. ``who`` (the allocation or method) is named in the error."""
+    keys = {g.key for g in groups}
+    if set(removals) != keys:
+        raise ValueError(f"{who} planned unit groups {sorted(removals)}, expected exactly {sorted(keys)}")
+    for g in groups:
+        if removals[g.key] not in g.valid_removals():
+            raise ValueError(f"{who}: {g.key} loses {removals[g.key]} units; valid: {g.valid_removals()}")
+    if removed is None:
+        return
+    group = groups[0]
+    per_group = group.count // group.groups
+    counts = [sum(1 for u in removed if u // per_group == i) for i in range(group.groups)]
+    ordered = sorted(set(removed)) == list(removed) and all(0 <= u < group.count for u in removed)
+    if not ordered or len(removed) != removals[group.key] or len(set(counts)) > 1:
+        raise ValueError(
+            f"{who} chose units {removed} of {group.key}: need {removals[group.key]} sorted distinct indices in "
+            f"[0, {group.count}), equal numbers from each of {group.groups} groups"
+        )
+
+
 def structural_keep(group: UnitGroup, removed: list[int], proj: Projection) -> torch.Tensor:
     """``[out, in]`` keep mask of one projection after removing ``removed`` units of ``group``."""
     keep = torch.ones(proj.out_features, proj.in_features, dtype=torch.bool, device=proj.weight.device)

@@ -27,11 +27,13 @@ from ..methods.wanda import wanda_scores
 @dataclass
 class Budget:
     """Per projection key: ``sparsity`` before exact renormalisation, and the ``ratios`` (outlier ratio or other
-    sensitivity) it came from, reported per projection and used to plan whole-unit removal (empty if none)."""
+    sensitivity) it came from, reported per projection and used to plan whole-unit removal (empty if none).
+    ``unit_removals`` (unit group key -> units to remove), where given, replaces the engine's unit planner."""
 
     sparsity: dict[str, float]
     ratios: dict[str, float] = field(default_factory=dict)
     details: dict = field(default_factory=dict)  # what the allocation measured or searched (into the report)
+    unit_removals: dict[str, int] | None = None
 
 
 class AllocationContext:

@@ -7,6 +7,9 @@
   for one projection.
 - ``prune_block(block)``: prune a whole decoder block at once, e.g. jointly across its MLP (SparseLLM). The
   default calls ``prune`` for each projection through :meth:`BlockContext.prune_projection`.
+- ``select_units(block, group, num_remove)``: under composite/structured pruning, which whole units (MLP
+  channels, heads) of a block go, before ``prune_block``. The default removes the lowest summed ``scores`` of
+  their input columns in down/o; a method with its own structured criterion (StructPrune) overrides it.
 
 ``stats`` is lazy (:class:`~mosaic_lightning.block.ProjectionStatistics`): ``stats.column_norms`` and
 ``stats.hessian`` are computed the first time a method reads them, so a method pays for exactly what it uses.
@@ -22,6 +25,7 @@ import torch
 from ..block import BlockContext, ProjectionStatistics, PruneResult
 from ..components import Component
 from ..patterns import Pattern
+from ..structure import UnitGroup, choose_removed
 
 __all__ = ["PruneResult", "PruningMethod"]
 
@@ -40,3 +44,11 @@ class PruningMethod(Component):
         """Results by projection key for every projection of ``block`` (each with ``block.num_prune[key]``
         single weights pruned among those whole units left, ``block.structural``)."""
         return {proj.key: block.prune_projection(proj, self.prune) for proj in block.projections}
+
+    def select_units(self, block: BlockContext, group: UnitGroup, num_remove: int) -> list[int]:
+        """Sorted indices of the ``num_remove`` units of ``group`` to remove (equal numbers per GQA group): by
+        default the lowest summed ``scores`` of their input columns in the consumer (down/o)."""
+        consumer = next(p for p in block.projections if p.name == group.cols[0])
+        with block.gathered(consumer):
+            columns = self.scores(consumer.weight_view(), block.stats(consumer)).sum(dim=0)
+        return choose_removed(group, columns.view(group.count, group.size).sum(dim=1), num_remove)

@@ -12,6 +12,7 @@ from .base import (
     minmax_spread,
     outlier_ratios,
 )
+from .energy import EnergySoftmax
 from .mosaic import Mosaic
 from .msp import MSP
 from .owl import OWL
@@ -31,6 +32,7 @@ __all__ = [
     "Allocation",
     "AllocationContext",
     "Budget",
+    "EnergySoftmax",
     "Mosaic",
     "OutlierWeighted",
     "Uniform",

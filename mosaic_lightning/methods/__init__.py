@@ -8,6 +8,7 @@ from .magnitude import Magnitude
 from .random_scores import RandomScores
 from .sparsegpt import SparseGPT
 from .sparsellm import SparseLLM
+from .structprune import StructPrune
 from .wanda import Wanda
 
 
@@ -25,6 +26,7 @@ __all__ = [
     "RandomScores",
     "SparseGPT",
     "SparseLLM",
+    "StructPrune",
     "Wanda",
     "resolve_method",
 ]

@@ -168,9 +168,10 @@ def plan_removals(
                 ratios.update(dict.fromkeys(mine, mean))
     fractions = _fractions(groups, per_unit, ratios, structural_params, lam)
     plan = {}
+    wanted = {g.key: fractions[g.key] * g.count for g in groups if g.kind == HEADS}
     for g in groups:
         if g.kind == HEADS:
-            plan[g.key] = min(g.valid_removals(), key=lambda n, g=g: abs(n - fractions[g.key] * g.count))
+            plan[g.key] = min(g.valid_removals(), key=lambda n, g=g: abs(n - wanted[g.key]))
     remaining = structural_params - sum(plan[g.key] * per_unit[g.key] for g in groups if g.kind == HEADS)
     mlp = [g for g in groups if g.kind == MLP]
     if mlp:
@@ -180,7 +181,21 @@ def plan_removals(
             raw = dict.fromkeys(raw, sum(raw.values()) / len(raw))
         for g in mlp:
             plan[g.key] = min(round(raw[g.key]), g.count - 1)
+        wanted.update(raw)
+    _trim(plan, groups, per_unit, wanted, structural_params, uniform)
     return plan
+
+
+def _trim(plan: dict[str, int], groups, per_unit, wanted: dict[str, float], limit: int, uniform: bool) -> None:
+    """Undo roundings up (MLP channels first, then heads) while the units remove more than ``limit`` weights, so a
+    structured-only plan never exceeds its target (single weights fill the gap); ``uniform`` trims every layer."""
+    for kind in (MLP, HEADS):
+        mine = [g for g in groups if g.kind == kind]
+        while sum(plan[g.key] * per_unit[g.key] for g in groups) > limit and any(plan[g.key] for g in mine):
+            candidates = [g for g in mine if plan[g.key]]
+            trim = candidates if uniform else [max(candidates, key=lambda g: plan[g.key] - wanted[g.key])]
+            for g in trim:
+                plan[g.key] -= g.groups
 
 
 def _group_ratio(group: UnitGroup, projs: dict[str, Projection], ratios: dict[str, float]) -> float:

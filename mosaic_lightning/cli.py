@@ -45,9 +45,8 @@ class MosaicCLI(LightningCLI):
                             help="a folder of your own lm-eval task YAMLs (the package's tasks are always included)")
         parser.add_argument("--evaluate_limit", type=int | None, default=None,
                             help="score only the first N items of each lm-eval task")  # fmt: skip
-        parser.add_argument(
-            "--compress_export", type=bool, default=False, help="store unstructured zeros as bitmask + values"
-        )
+        parser.add_argument("--compress_export", type=bool, default=False,
+                            help="compressed-tensors' sparse(-24)-bitmask format; read by load_pruned")  # fmt: skip
         parser.link_arguments("model.pretrained", "data.tokenizer")
 
     def _pruning_callback(self) -> MosaicPruning:

@@ -19,11 +19,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .adapters import ModelAdapter, Projection
-from .masks import pack_bits, unpack_bits
 from .structure import HEADS, MLP, UnitGroup, attention_shape, unit_groups
 
 SHAPES_KEY = "mosaic_layer_shapes"
-COMPRESSED_FILE = "model.mosaic.safetensors"
+_OLD_COMPRESSED_FILE = "model.mosaic.safetensors"
 _MLP_FIELDS = ("intermediate_size", "ffn_dim", "n_inner")
 
 
@@ -133,14 +132,25 @@ def _update_config(config, shapes: list[dict[str, int]]) -> None:
 
 
 def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
-    """Load a model saved by :func:`mosaic_lightning.save_pruned`: per-layer shapes and compressed weights.
+    """Load a model saved by :func:`mosaic_lightning.save_pruned`: per-layer shapes and compressed-tensors
+    bitmask weights (decompressed here: transformers 5 does not), into a dense model whose config no longer
+    claims compression, so saving it again writes a plain dense export.
 
     Only config JSON and safetensors are read: no pickle, no remote code.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .compressed import decompress_state, sparsity_config
+
     path = pathlib.Path(path)
+    if (path / _OLD_COMPRESSED_FILE).exists():
+        raise ValueError(f"{path} holds {_OLD_COMPRESSED_FILE}, the compressed format mosaic-lightning wrote before "
+                         "compressed-tensors; it is no longer read: load it with load_pruned at commit fb783c7 and "
+                         "save_pruned it (dense), then export it again")  # fmt: skip
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    compressed = sparsity_config(config) is not None
+    if compressed:
+        del config.quantization_config
     shapes = getattr(config, SHAPES_KEY, None)
     model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=dtype or torch.float32)
     if shapes is not None:
@@ -151,7 +161,7 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn
                 if kept < total:
                     structure[f"{layer}.{kind}"] = list(range(kept, total))
         compact_model(model, structure)
-    state = read_weights(path)
+    state = decompress_state(read_weights(path)) if compressed else read_weights(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
@@ -161,44 +171,8 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn
     return model.eval()
 
 
-# -- compressed storage of the unstructured part ------------------------------------------------------------
-_MASK_SUFFIX, _VALUES_SUFFIX = ".__mosaic_mask", ".__mosaic_values"
-
-
-def compress_state_dict(state: dict[str, torch.Tensor], min_sparsity: float = 0.25) -> dict[str, torch.Tensor]:
-    """Store each 2-D weight with at least ``min_sparsity`` zeros as packed bitmask + nonzero values."""
-    out = {}
-    for name, tensor in state.items():
-        zeros = (tensor == 0).sum().item() if tensor.dim() == 2 else 0
-        if zeros < min_sparsity * tensor.numel():
-            out[name] = tensor.contiguous()
-            continue
-        nonzero = tensor != 0
-        out[name + _MASK_SUFFIX] = pack_bits(nonzero)
-        out[name + _VALUES_SUFFIX] = tensor[nonzero].contiguous()
-        out[name + ".__mosaic_shape"] = torch.tensor(tensor.shape, dtype=torch.int64)
-    return out
-
-
-def decompress_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, tensor in state.items():
-        if name.endswith(_MASK_SUFFIX):
-            base = name.removesuffix(_MASK_SUFFIX)
-            shape = state[base + ".__mosaic_shape"].tolist()
-            values = state[base + _VALUES_SUFFIX]
-            dense = torch.zeros(shape, dtype=values.dtype)
-            dense[unpack_bits(tensor, shape)] = values
-            out[base] = dense
-        elif not (name.endswith(_VALUES_SUFFIX) or name.endswith(".__mosaic_shape")):
-            out[name] = tensor
-    return out
-
-
 def read_weights(path: pathlib.Path) -> dict[str, torch.Tensor]:
-    """All safetensors shards of a directory, decompressed."""
-    if (path / COMPRESSED_FILE).exists():
-        return decompress_state_dict(load_file(path / COMPRESSED_FILE))
+    """All safetensors shards of a directory, as stored."""
     index = path / "model.safetensors.index.json"
     files = ["model.safetensors"]
     if index.exists():
@@ -206,4 +180,4 @@ def read_weights(path: pathlib.Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for file in files:
         state.update(load_file(path / file))
-    return decompress_state_dict(state)
+    return state

@@ -11,7 +11,6 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 
-from safetensors.torch import save_file
 from torch import nn
 
 from .model_card import model_card
@@ -48,11 +47,11 @@ def save_pruned(
     """``save_pretrained`` (safetensors) + tokenizer + ``pruning_report.json`` + sparsity heat map + a model card
     (``README.md``, naming ``base_model``: what the model was loaded from, by default its ``_name_or_path``).
 
-    With ``compress``, weights that are at least 25% zeros are stored as a packed bitmask plus their nonzero
-    values in ``model.mosaic.safetensors`` (the file shrinks with the unstructured sparsity); such a directory
-    loads with :func:`mosaic_lightning.load_pruned`, and plain ``from_pretrained`` refuses it (no
-    ``model.safetensors``) rather than silently initialising missing weights. ``extra_files`` (name -> text)
-    are written alongside, e.g. the resolved recipe.
+    With ``compress``, Linear weights that are at least 25% zeros are stored in compressed-tensors' bitmask
+    format (``sparse-24-bitmask`` when every one is 2:4, else ``sparse-bitmask``; the ``sparsity_config`` in
+    ``config.json``; see :mod:`mosaic_lightning.compressed`), so the file shrinks with the sparsity; such a
+    directory loads with :func:`mosaic_lightning.load_pruned` (transformers 5 no longer decompresses sparsity
+    formats). ``extra_files`` (name -> text) are written alongside, e.g. the resolved recipe.
     """
     with atomic_directory(export_dir) as tmp:
         if compress:
@@ -91,15 +90,14 @@ def atomic_directory(target: str | os.PathLike, field: str = "export_dir"):
 
 
 def _save_compressed(model: nn.Module, directory: pathlib.Path) -> None:
-    from .compact import COMPRESSED_FILE, compress_state_dict
+    """``save_pretrained`` of the bitmask tensors (shards, tied weights and config as for a dense export),
+    then the ``sparsity_config`` into ``config.json``; all inside the temp dir, so a failure leaves nothing."""
+    from .compressed import compress_state, write_config_entry
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
-    model.config.save_pretrained(directory)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(directory)
-    save_file(compress_state_dict(state), str(directory / COMPRESSED_FILE), metadata={"format": "pt"})
+    packed, entry = compress_state(model, state)
+    model.save_pretrained(directory, safe_serialization=True, state_dict=packed)
+    write_config_entry(directory, entry)
 
 
 def _umask() -> int:

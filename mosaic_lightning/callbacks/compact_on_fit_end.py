@@ -27,7 +27,7 @@ class CompactOnFitEnd(L.Callback):
 
     Args:
         export_dir: where to save (safetensors + config + ``pruning_report.json``); None = compact only.
-        compress: also store the unstructured zeros compactly (bitmask + values; load with ``load_pruned``).
+        compress: write compressed-tensors' bitmask format (the zeros cost one bit; load with ``load_pruned``).
     """
 
     def __init__(self, export_dir: str | None = None, compress: bool = False) -> None:

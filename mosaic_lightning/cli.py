@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .callbacks import CompactOnFitEnd, MosaicPruning
 from .callbacks.compact_on_fit_end import final_model
+from .checkpoints import check_checkpoint
 from .evaluation import perplexity
 from .export import check_export_dir, save_pruned
 from .lit import CausalLM, TextDataModule
@@ -32,6 +33,14 @@ class MosaicCLI(LightningCLI):
         # second run would refuse to start (or overwrite the first run's file).
         kwargs.setdefault("save_config_callback", None)
         super().__init__(*args, **kwargs)
+
+    def parse_arguments(self, parser, args) -> None:
+        """Check ``ckpt_path`` right after parsing: LightningCLI loads it next (for its hyperparameters), and torch's
+        errors name no argument (for an unsafe file they even advise ``weights_only=False``)."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].get("ckpt_path"):
+            check_checkpoint(self.config[subcommand].ckpt_path)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(MosaicPruning, "pruning")

@@ -173,5 +173,9 @@ def _read_files(paths: list[str], field_name: str) -> list[str]:
     docs = []
     for path in paths:
         with open(path, encoding="utf-8") as fh:
-            docs.append(fh.read())
+            try:
+                docs.append(fh.read())
+            except UnicodeDecodeError as err:  # a binary file: say which, and what was expected
+                raise ValueError(f"{field_name}: {path} is not UTF-8 text (byte {err.start}: {err.reason}); give "
+                                 "plain text files") from None  # fmt: skip
     return docs

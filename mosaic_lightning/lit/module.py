@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from torchmetrics.text import Perplexity
 
-from ..assets import BUNDLED_MODEL, ensure_bundled_fp32, load_causal_lm
+from ..assets import BUNDLED_MODEL, check_pretrained, ensure_bundled_fp32, load_causal_lm
 from ..distillation import distillation_loss
 from ..evaluation import update_perplexity
 
@@ -57,6 +57,8 @@ class CausalLM(L.LightningModule):
             The teacher is a frozen copy of the model as loaded, i.e. before any pruning, held once in memory (not
             in the checkpoint: a resumed run rebuilds it from ``pretrained``); not under DeepSpeed ZeRO-3.
         distill_temperature: the distillation temperature ``T`` (> 0).
+        allow_missing_weights: load a checkpoint that lacks some of the model's tensors (transformers fills them
+            with random values); by default such a checkpoint is refused, naming the tensors.
     """
 
     def __init__(
@@ -69,8 +71,10 @@ class CausalLM(L.LightningModule):
         lr_schedule: Literal["constant", "linear"] = "constant",
         distill_weight: float = 0.0,
         distill_temperature: float = 1.0,
+        allow_missing_weights: bool = False,
     ) -> None:
         super().__init__()
+        check_pretrained(pretrained)  # a wrong path fails here, before the data is read or anything loads
         if dtype not in _DTYPES:
             raise ValueError(f"dtype={dtype!r}; allowed values: {sorted(_DTYPES)}")
         _check_options(betas, lr_schedule, distill_weight, distill_temperature)
@@ -89,7 +93,9 @@ class CausalLM(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             with _transformers_knows_zero3(self._trainer):
-                self.model = load_causal_lm(self.hparams.pretrained, _DTYPES[self.hparams.dtype])
+                self.model = load_causal_lm(
+                    self.hparams.pretrained, _DTYPES[self.hparams.dtype], self.hparams.allow_missing_weights
+                )
         if self.hparams.distill_weight > 0 and not self._teacher:
             if _zero3(self._trainer):
                 raise ValueError("distill_weight > 0 is not supported under DeepSpeed ZeRO-3 (the teacher copy)")

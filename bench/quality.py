@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from mosaic_lightning import PruningConfig, perplexity, prune_model
+from mosaic_lightning import PruningConfig, compact_model, perplexity, prune_model
 from mosaic_lightning.allocation import MSP
 from mosaic_lightning.assets import BUNDLED_MODEL, load_causal_lm, load_tokenizer, wikipedia_split
 from mosaic_lightning.lit.data import TokenWindows
@@ -43,6 +43,9 @@ TYPES = ("q", "k", "v", "o", "gate", "up", "down")
 SPARSELLM = [(s, m) for s in (0.7, 0.8, 0.9) for m in ("wanda", "sparsegpt", "sparsellm")]
 # MSP suite: the Fisher + evolutionary allocation vs uniform and OWL at 75% (recipe msp-75's search settings).
 MSP_ROWS = [(0.75, m, a) for m in ("wanda", "sparsegpt") for a in ("uniform", "owl", "msp")]
+# StructPrune suite: structured only (structured_fraction=1), per-layer sizes; StructPrune (ADMM mask + refit, energy
+# softmax) vs today's planner (Wanda unit scores, OWL rule on unit groups), at equal parameters removed.
+STRUCTPRUNE = [(s, m, a) for s in (0.3, 0.5) for m, a in (("structprune", "energy"), ("wanda", "owl"))]
 
 
 def configs(args) -> list[PruningConfig]:
@@ -67,6 +70,8 @@ def _suite(suite: str) -> list[PruningConfig]:
         return [PruningConfig(s, m, "uniform") for s, m in SPARSELLM]
     if suite == "msp":
         return [PruningConfig(s, m, a) for s, m, a in MSP_ROWS]
+    if suite == "structprune":
+        return [PruningConfig(s, m, a, structured_fraction=1.0) for s, m, a in STRUCTPRUNE]
     if suite == "sequential":
         return [PruningConfig(s, m, "uniform", sequential=q) for s, m, q in SEQUENTIAL]
     if suite == "composite":
@@ -101,8 +106,8 @@ def main() -> None:
     parser.add_argument("--calibration-samples", type=int, default=32)
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--suite", choices=["core", "composite", "sequential", "allocation", "sparsellm", "msp"],
-                        default="core")  # fmt: skip
+    parser.add_argument("--suite", choices=["core", "composite", "sequential", "allocation", "sparsellm", "msp",
+                                            "structprune"], default="core")  # fmt: skip
     parser.add_argument("--allocations", nargs="*", default=None, help="only rows with these allocations")
     parser.add_argument("--methods", nargs="*", default=None, help="only rows with these methods")
     parser.add_argument("--sparsities", nargs="*", type=float, default=None, help="only rows at these sparsities")
@@ -142,6 +147,9 @@ def main() -> None:
             "layer_sparsity": _layer_means(outcome.report),
             "allocation_details": {k: v for k, v in outcome.report.allocation.items() if k != "population"},
         }
+        if outcome.structure:  # the physically smaller model: parameters after compaction
+            compact_model(model, outcome.structure)
+            row["params_compacted"] = sum(p.numel() for p in model.parameters())
         if outcome.report.save_search_plot(pathlib.Path(args.out).with_suffix(f".{row['method']}-search.png")):
             row["search_png"] = str(pathlib.Path(args.out).with_suffix(f".{row['method']}-search.png"))
         results.append(row)

@@ -75,3 +75,21 @@ def test_admm_recipe_runs_with_its_acceptance_overrides(tmp_path, tiny_model_dir
     for name, param in model.named_parameters():
         if name.endswith("_proj.weight"):
             assert abs(int((param == 0).sum()) - 0.6 * param.numel()) < 1, name
+
+
+def test_recover_recipe_distils_for_max_steps_and_keeps_the_sparsity(tmp_path, tiny_model_dir):
+    train, test = write_text_files(tmp_path)
+    export = tmp_path / "export"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "recipes/recover-70.yaml"),
+         "--model.pretrained", str(tiny_model_dir), "--data.train_files", str(train), "--data.eval_files", str(test),
+         "--data.seq_len", "32", "--data.num_calibration_samples", "8", "--data.max_eval_windows", "2",
+         "--trainer.max_steps", "3", "--trainer.logger", "false", "--export_dir", str(export)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((export / "pruning_report.json").read_text())
+    assert report["params_pruned"] == round(0.7 * report["params_targeted"])
+    model = AutoModelForCausalLM.from_pretrained(export)
+    zeros = sum(int((p == 0).sum()) for n, p in model.named_parameters() if n.endswith("_proj.weight"))
+    assert zeros == report["params_pruned"]  # three distillation steps regrew nothing

@@ -155,13 +155,14 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn
     model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=dtype or torch.float32)
     if shapes is not None:
         structure = {}
-        for layer, shape in enumerate(shapes):
+        for layer, shape in enumerate(_checked_shapes(shapes, ModelAdapter(model), path)):
             for kind, kept in shape.items():
                 total = _current_shape(ModelAdapter(model), layer)[kind]
                 if kept < total:
                     structure[f"{layer}.{kind}"] = list(range(kept, total))
         compact_model(model, structure)
     state = decompress_state(read_weights(path)) if compressed else read_weights(path)
+    _check_fits_weights(model, state, path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
@@ -169,6 +170,42 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn
                          f"unexpected {sorted(unexpected)[:5]}")  # fmt: skip
     model.tie_weights()
     return model.eval()
+
+
+def _checked_shapes(shapes, adapter: ModelAdapter, path: pathlib.Path) -> list[dict[str, int]]:
+    """``mosaic_layer_shapes`` as the config states it, refused (naming the layer and field) unless it is one
+    entry per layer of kept unit counts between 1 and the architecture's own: an edited or truncated config
+    would otherwise end in a size mismatch deep in ``load_state_dict``, or a model that silently differs."""
+    field = f"{path / 'config.json'}: {SHAPES_KEY}"
+    if not isinstance(shapes, list) or len(shapes) != adapter.num_layers:
+        size = len(shapes) if isinstance(shapes, list) else type(shapes).__name__
+        raise ValueError(f"{field} has {size} entries; expected a list of one per layer ({adapter.num_layers})")
+    heads, kv_heads, _ = attention_shape(adapter.model.config)
+    for layer, shape in enumerate(shapes):
+        full = _current_shape(adapter, layer)
+        if not isinstance(shape, dict) or not set(shape) <= set(full):
+            raise ValueError(f"{field}[{layer}] = {shape!r}; expected a mapping of {sorted(full)} to kept counts")
+        for kind, kept in shape.items():
+            step = kv_heads if kind == HEADS and kv_heads != heads else 1  # GQA: equal numbers per key/value head
+            if isinstance(kept, bool) or not isinstance(kept, int) or not 1 <= kept <= full[kind] or kept % step:
+                raise ValueError(f"{field}[{layer}].{kind} = {kept!r}; allowed values: integers in [1, {full[kind]}]"
+                                 + (f" divisible by {step} (key/value heads)" if step > 1 else ""))  # fmt: skip
+    return shapes
+
+
+def _check_fits_weights(model: nn.Module, state: dict[str, torch.Tensor], path: pathlib.Path) -> None:
+    """Every stored tensor has the shape the config's sizes give it; a mismatch names the layer and field."""
+    adapter = ModelAdapter(model)
+    kinds = {p.param_name: (p.layer, MLP if p.name in ("gate", "up", "down") else HEADS)
+             for p in adapter.all_projections()}  # fmt: skip
+    for name, tensor in model.state_dict().items():
+        stored = state.get(name)
+        if stored is None or stored.shape == tensor.shape:
+            continue
+        layer, kind = kinds.get(name, (None, None))
+        where = f"{SHAPES_KEY}[{layer}].{kind}" if kind else "the config's sizes"
+        raise ValueError(f"{path}: {name} is {list(stored.shape)} in the weight files, but {where} in config.json "
+                         f"gives {list(tensor.shape)}; the config does not describe these weights")  # fmt: skip
 
 
 def read_weights(path: pathlib.Path) -> dict[str, torch.Tensor]:

@@ -5,11 +5,12 @@ A user's existing directory is never overwritten or left half-written.
 
 from __future__ import annotations
 
+import errno
 import os
 import pathlib
 import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from torch import nn
 
@@ -76,6 +77,7 @@ def atomic_directory(target: str | os.PathLike, field: str = "export_dir"):
     """A temp directory beside ``target`` to write into; renamed to ``target`` only when the block succeeds,
     removed otherwise, so ``target`` is never half-written and an existing non-empty one is never touched."""
     path = check_export_dir(target, field).absolute()
+    created = [parent for parent in path.parents if not parent.exists()]  # deepest first
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -84,9 +86,21 @@ def atomic_directory(target: str | os.PathLike, field: str = "export_dir"):
         if path.exists():  # an empty directory: replace it
             path.rmdir()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        for parent in created:  # the parents made for this export, unless something else was put there meanwhile
+            with suppress(OSError):
+                parent.rmdir()
+        if _disk_full(err):
+            raise OSError(errno.ENOSPC, f"{field}={str(target)!r}: the disk filled up while writing the export "
+                          f"({err}); nothing was left at {path} and the partial copy was removed. Free space on "
+                          f"{path.parent} or choose another {field}, and run again") from err  # fmt: skip
         raise
+
+
+def _disk_full(err: BaseException) -> bool:
+    """ENOSPC, as Python raises it or as safetensors' Rust writer words it in its own error type."""
+    return (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left on device" in str(err)
 
 
 def _save_compressed(model: nn.Module, directory: pathlib.Path) -> None:

@@ -15,6 +15,7 @@ import os
 import pathlib
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -114,21 +115,58 @@ def _set_head_count(adapter: ModelAdapter, o_proj: Projection, kept_heads: int) 
 def _update_config(config, shapes: list[dict[str, int]]) -> None:
     """Record per-layer sizes; update the standard fields when one size fits all layers and they can say it."""
     setattr(config, SHAPES_KEY, shapes)
-    heads, _, head_dim = attention_shape(config)
+    heads, kv_heads, head_dim = attention_shape(config)
     kept_heads = {s[HEADS] for s in shapes}
     kept_mlp = {s[MLP] for s in shapes if MLP in s}
     describable = len(kept_heads) == 1 and len(kept_mlp) <= 1
     if describable and kept_heads != {heads}:
-        describable = hasattr(config, "head_dim") and hasattr(config, "num_key_value_heads")
+        describable = states_heads(config, next(iter(kept_heads)))
     if not describable:
         return
     if kept_heads != {heads}:
         config.head_dim = head_dim
         config.num_attention_heads = kept_heads.pop()
+        if kv_heads == heads:  # without grouped-query attention a head takes its key and value with it
+            config.num_key_value_heads = config.num_attention_heads
     field = next((name for name in _MLP_FIELDS if hasattr(config, name)), None)
     if kept_mlp and field is not None:
         setattr(config, field, kept_mlp.pop())
     delattr(config, SHAPES_KEY)
+
+
+def states_heads(config, kept: int) -> bool:
+    """Whether the family's own config can state ``kept`` query heads, so plain ``from_pretrained`` builds them:
+    it needs ``num_key_value_heads`` (OPT and GPT-2 derive the head size from ``hidden_size / heads``) and its
+    validation must accept the values (Llama and Gemma3 require ``hidden_size % num_attention_heads == 0``
+    even with an explicit ``head_dim``)."""
+    if not hasattr(config, "num_key_value_heads"):
+        return False
+    heads, kv_heads, head_dim = attention_shape(config)
+    values = {"num_attention_heads": kept, "head_dim": head_dim}
+    if kv_heads == heads:
+        values["num_key_value_heads"] = kept
+    fields = {k: v for k, v in config.to_dict().items() if k != SHAPES_KEY}
+    try:
+        type(config)(**{**fields, **values})
+    except (ValueError, TypeError, StrictDataclassError):
+        return False
+    return True
+
+
+def check_uniform_structure(config, structured_units: list[str], uniform_structure: bool) -> None:
+    """Before any work: ``uniform_structure`` promises a compacted model that plain ``from_pretrained`` loads;
+    refuse removing heads where some count the plan may keep could not be stated by the family's config."""
+    if not uniform_structure or HEADS not in structured_units:
+        return
+    heads, kv_heads, _ = attention_shape(config)
+    step = kv_heads if kv_heads != heads else 1
+    refused = [kept for kept in range(step, heads, step) if not states_heads(config, kept)]
+    if refused:
+        raise ValueError(
+            f"uniform_structure=True with structured_units={structured_units!r}: {type(config).__name__} cannot "
+            f"state {refused} attention heads (of {heads}), so plain from_pretrained could not load the compacted "
+            "model; set structured_units=['mlp'], or uniform_structure=false (per-layer sizes, load with load_pruned)"
+        )
 
 
 def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from ..allocation import Allocation
+from ..compact import check_uniform_structure
 from ..config import PruningConfig
 from ..engine import PruningOutcome, prune_model
 from ..masks import MaskStore
@@ -114,6 +115,8 @@ class MosaicPruning(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.schedule.check_run(self, trainer)
         model = causal_lm(pl_module)
+        if self.config.structured:  # refused here, before any work, rather than by the config at export
+            check_uniform_structure(model.config, self.config.structured_units, self.config.uniform_structure)
         if self.masks is not None:  # restored from a checkpoint or pruned in an earlier fit
             self.masks.enforce_(model)
             return

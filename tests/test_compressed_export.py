@@ -4,6 +4,9 @@ them, weights back bit for bit through ``load_pruned``, atomic writing kept."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,11 +16,13 @@ from compressed_tensors.config import (
     SparsityCompressionConfig,
     SparsityStructure,
 )
-from conftest import BUILDERS, TARGET_PARAMS, random_batches
+from conftest import BUILDERS, TARGET_PARAMS, random_batches, write_text_files
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from mosaic_lightning import PruningConfig, load_pruned, prune_model, save_pruned
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _pruned(model, pattern: str = "unstructured"):
@@ -118,3 +123,22 @@ def test_old_mosaic_format_is_refused_with_the_way_out(tmp_path):
     (tmp_path / "old/model.mosaic.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="model.mosaic.safetensors.*no longer read.*fb783c7"):
         load_pruned(tmp_path / "old")
+
+
+def test_cli_compress_export_writes_sparse_24_bitmask(tmp_path, tiny_model_dir):
+    train, test = write_text_files(tmp_path)
+    export = tmp_path / "export"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "recipes/wanda-50.yaml"),
+         "--model.pretrained", str(tiny_model_dir), "--data.train_files", str(train), "--data.eval_files", str(test),
+         "--data.seq_len", "32", "--data.num_calibration_samples", "4", "--data.max_eval_windows", "2",
+         "--trainer.logger", "false", "--pruning.pattern", "2:4", "--compress_export", "true",
+         "--export_dir", str(export)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _sparsity_config(export).format == "sparse-24-bitmask"
+    report = json.loads((export / "pruning_report.json").read_text())
+    model = load_pruned(export)
+    zeros = sum(int((p == 0).sum()) for n, p in model.named_parameters() if n.endswith("_proj.weight"))
+    assert zeros >= report["params_pruned"] > 0

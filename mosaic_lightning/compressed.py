@@ -70,10 +70,9 @@ def write_config_entry(directory: pathlib.Path, entry: dict) -> None:
 def sparsity_config(config) -> SparsityCompressionConfig | None:
     """The export's sparsity config (through compressed-tensors' registry), None for a dense export; any other
     compressed-tensors content (quantization) is refused: it is not what :func:`load_pruned` can rebuild."""
-    entry = getattr(config, QUANTIZATION_CONFIG_NAME, None)
+    entry = getattr(config, QUANTIZATION_CONFIG_NAME, None)  # AutoConfig keeps it as the JSON dict
     if entry is None:
         return None
-    entry = entry if isinstance(entry, dict) else entry.to_dict()
     sparsity = entry.get(SPARSITY_CONFIG_NAME) or {}
     if entry.get("config_groups") or sparsity.get("format") not in FORMATS:
         raise ValueError(f"quantization_config: load_pruned reads compressed-tensors sparsity formats {FORMATS} "

@@ -238,7 +238,7 @@ def test_uniform_allocation_reads_no_calibration_data():
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ("bogus", "allocation='bogus'; allowed values: ['mosaic', 'msp', 'owl', 'uniform']"),
+        ("bogus", "allocation='bogus'; allowed values: ['energy', 'mosaic', 'msp', 'owl', 'uniform']"),
         ({"class_path": "owl", "init_args": {"threshold": 0.0}}, "threshold=0.0"),
         ({"class_path": "owl", "init_args": {"threshold": float("nan")}}, "threshold=nan"),
         ({"class_path": "mosaic_lightning.allocation.Mosaic", "init_args": {"lam": 0.5}}, "lam=0.5"),

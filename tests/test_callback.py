@@ -172,7 +172,8 @@ BAD_ARGS += [
     pytest.param({"method": {"class_path": "sparsegpt", "init_args": {"damp": 0.0}}}, "damp=0.0"),
     pytest.param({"method": {"class_path": "sparsegpt", "init_args": {"mask_scope": "col"}}}, "mask_scope='col'"),
     pytest.param(
-        {"method": "obs"}, "method='obs'; allowed values: ['magnitude', 'random', 'sparsegpt', 'sparsellm', 'structprune', 'wanda']"
+        {"method": "obs"},
+        "method='obs'; allowed values: ['magnitude', 'random', 'sparsegpt', 'sparsellm', 'structprune', 'wanda']",
     ),
     pytest.param({"structure_lambda": float("nan")}, "structure_lambda=nan"),
 ]

@@ -16,6 +16,23 @@ from transformers import AutoModelForCausalLM
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _fit_recipe(
+    tmp_path: Path, model_dir: Path, recipe: str, *overrides: str
+) -> tuple[subprocess.CompletedProcess, Path]:
+    """``train.py fit`` of a shipped recipe on the tiny model and local text files, with the acceptance overrides
+    (and the small sizes every test here uses) before ``overrides``; returns the process and the export directory."""
+    train, test = write_text_files(tmp_path)
+    export = tmp_path / "export"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / f"recipes/{recipe}.yaml"),
+         "--model.pretrained", str(model_dir), "--data.train_files", str(train), "--data.eval_files", str(test),
+         "--data.seq_len", "32", "--data.num_calibration_samples", "8", "--data.max_eval_windows", "2",
+         "--trainer.logger", "false", "--export_dir", str(export), *overrides],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    return result, export
+
+
 @pytest.mark.parametrize(
     ("recipe", "overrides", "method", "allocation"),
     [
@@ -28,15 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 )
 def test_recipe_runs_through_the_cli_with_the_acceptance_overrides(tmp_path, tiny_model_dir, recipe, overrides,
                                                                    method, allocation):  # fmt: skip
-    train, test = write_text_files(tmp_path)
-    export = tmp_path / "export"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / f"recipes/{recipe}.yaml"),
-         "--model.pretrained", str(tiny_model_dir), "--data.train_files", str(train), "--data.eval_files", str(test),
-         "--data.seq_len", "32", "--data.num_calibration_samples", "8", "--data.max_eval_windows", "2",
-         "--trainer.logger", "false", "--export_dir", str(export), *overrides],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    result, export = _fit_recipe(tmp_path, tiny_model_dir, recipe, *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((export / "pruning_report.json").read_text())
     sparsity = float(overrides[overrides.index("--pruning.sparsity") + 1]) if "--pruning.sparsity" in overrides else (
@@ -56,16 +65,10 @@ def test_recipe_runs_through_the_cli_with_the_acceptance_overrides(tmp_path, tin
 def test_admm_recipe_runs_with_its_acceptance_overrides(tmp_path, tiny_model_dir):
     """recipes/admm-80 with --pruning.sparsity, --trainer.max_steps, --trainer.gradient_clip_val and
     --trainer.accumulate_grad_batches: the export holds exactly the target sparsity, per tensor."""
-    train, test = write_text_files(tmp_path)
-    export = tmp_path / "export"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "recipes/admm-80.yaml"),
-         "--model.pretrained", str(tiny_model_dir), "--data.train_files", str(train), "--data.eval_files", str(test),
-         "--data.seq_len", "32", "--data.max_eval_windows", "2", "--trainer.logger", "false",
-         "--pruning.sparsity", "0.6", "--trainer.max_steps", "4", "--trainer.gradient_clip_val", "0.5",
-         "--trainer.accumulate_grad_batches", "2", "--pruning.schedule.init_args.projection_every", "2",
-         "--export_dir", str(export)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    result, export = _fit_recipe(
+        tmp_path, tiny_model_dir, "admm-80", "--pruning.sparsity", "0.6", "--trainer.max_steps", "4",
+        "--trainer.gradient_clip_val", "0.5", "--trainer.accumulate_grad_batches", "2",
+        "--pruning.schedule.init_args.projection_every", "2",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((export / "pruning_report.json").read_text())
@@ -78,15 +81,7 @@ def test_admm_recipe_runs_with_its_acceptance_overrides(tmp_path, tiny_model_dir
 
 
 def test_recover_recipe_distils_for_max_steps_and_keeps_the_sparsity(tmp_path, tiny_model_dir):
-    train, test = write_text_files(tmp_path)
-    export = tmp_path / "export"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "recipes/recover-70.yaml"),
-         "--model.pretrained", str(tiny_model_dir), "--data.train_files", str(train), "--data.eval_files", str(test),
-         "--data.seq_len", "32", "--data.num_calibration_samples", "8", "--data.max_eval_windows", "2",
-         "--trainer.max_steps", "3", "--trainer.logger", "false", "--export_dir", str(export)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    result, export = _fit_recipe(tmp_path, tiny_model_dir, "recover-70", "--trainer.max_steps", "3")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((export / "pruning_report.json").read_text())
     assert report["params_pruned"] == round(0.7 * report["params_targeted"])

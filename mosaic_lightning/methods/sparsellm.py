@@ -154,9 +154,9 @@ class SparseLLM(PruningMethod):
         alpha, beta, gamma = self.weights_for(gated=True)
         x, z, s = seen["up"][0], seen["up"][1], seen["gate"][1]
         p, y = seen["down"]
+        x_pinv_gram = torch.linalg.pinv(_gram(x, x), hermitian=True) if self.iterations > 1 else None  # X is fixed
         for t in range(self.iterations):
             if t > 0:
-                x_pinv_gram = torch.linalg.pinv(_gram(x, x), hermitian=True)
                 weights["up"] = _gram(z, x) @ x_pinv_gram
                 weights["gate"] = _gram(s, x) @ x_pinv_gram
                 gram_p = _gram(p, p)
@@ -179,9 +179,10 @@ class SparseLLM(PruningMethod):
         x, z = seen["up"]
         p, y = seen["down"]
         b1, b2 = _bias_or_zero(biases["up"], z), _bias_or_zero(biases["down"], y)
+        x_pinv_gram = torch.linalg.pinv(_gram(x, x), hermitian=True) if self.iterations > 1 else None  # X is fixed
         for t in range(self.iterations):
             if t > 0:
-                weights["up"] = _gram(z - b1, x) @ torch.linalg.pinv(_gram(x, x), hermitian=True)
+                weights["up"] = _gram(z - b1, x) @ x_pinv_gram
                 weights["down"] = fc2_gradient_steps(weights["down"], b2, p, y, self.fc2_steps)
                 hessians["down"] = _gram(p, p) / sum_over_ranks(p.shape[0])
             pruned = self._prune_mlp(block, mlp, weights, hessians, RELU)

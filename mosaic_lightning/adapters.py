@@ -164,6 +164,7 @@ class ModelAdapter:
             raise ValueError(
                 f"spec.blocks={self.spec.blocks!r} is not a ModuleList in {type(model).__name__}"
             )
+        self.block_list = blocks  # the model's own ModuleList (calibration swaps entries for a moment)
         self.blocks: list[nn.Module] = list(blocks)
         self._all = [self._block_projections(i) for i in range(len(self.blocks))]
         self._check_names(targets, "targets")

@@ -64,13 +64,14 @@ class InputStream:
 
     def inputs(self, layer: int) -> BlockInputs:
         if self._inputs is None:
-            self._inputs = capture_block_inputs(self.model, self.adapter.blocks[0], self.batches)
+            self._inputs = capture_block_inputs(self.model, self.adapter.block_list, self.batches)
             self.layer, self.tokens = 0, self._inputs.tokens
         if layer < self.layer:
             raise RuntimeError(f"block {layer}'s inputs were already replaced by block {self.layer}'s")
         while self.layer < layer:
             self._inputs.hidden = self._output_of(self.layer)
             self.layer += 1
+            self._inputs.enter(self.layer)
         return self._inputs
 
     def keep_dense_outputs(self, layer: int) -> bool:

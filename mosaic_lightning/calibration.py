@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -24,49 +24,77 @@ class _StopForward(Exception):
 
 @dataclass
 class BlockInputs:
-    """What one block receives for every calibration batch: hidden states plus its other arguments."""
+    """What one block receives for every calibration batch: hidden states plus its other arguments.
+
+    ``by_layer`` holds every block's own other arguments (``args``, ``kwargs`` per batch): they differ between
+    blocks in some families (Gemma 2/3: sliding-window masks and local rotary embeddings on some layers, global
+    ones on the others), so block ``l`` must never be run with block 0's. :meth:`enter` selects a block's.
+    """
 
     hidden: list[torch.Tensor]
     args: list[tuple]
     kwargs: list[dict]
+    by_layer: list[tuple[list[tuple], list[dict]]] = field(default_factory=list)
 
     @property
     def tokens(self) -> int:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
 
+    def enter(self, layer: int) -> None:
+        """Take block ``layer``'s own arguments (the hidden states are the caller's to replace)."""
+        self.args, self.kwargs = self.by_layer[layer]
+
 
 @torch.no_grad()
-def capture_block_inputs(
-    model: nn.Module, first_block: nn.Module, batches: Iterable[torch.Tensor]
-) -> BlockInputs:
-    """Run the model up to its first block for each batch of ``input_ids`` and keep the block's inputs."""
-    captured = BlockInputs([], [], [])
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: Iterable[torch.Tensor]) -> BlockInputs:
+    """Run the model's embeddings for each batch of ``input_ids``: keep the hidden states entering the first
+    block and every block's other arguments, as the model's own forward passes them.
 
-    def grab(_module, args, kwargs):
-        if args:
-            hidden, rest = args[0], tuple(args[1:])
-        else:
-            kwargs = dict(kwargs)
-            hidden, rest = kwargs.pop("hidden_states"), ()
-        captured.hidden.append(hidden)
-        captured.args.append(rest)
-        captured.kwargs.append(dict(kwargs))
-        raise _StopForward
-
-    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
-    device = next(first_block.parameters()).device
+    For the duration every entry of ``blocks`` (the model's ModuleList) is replaced by a recorder that returns its
+    input unchanged, and the last one ends the pass: no block computes, its hooks do not fire (under ZeRO-3 no
+    block is gathered), the head never runs, and blocks that are not loaded (streamed from disk) are fine.
+    """
+    originals = list(blocks)
+    captured = BlockInputs([], [], [], [([], []) for _ in originals])
+    for layer in range(len(originals)):
+        blocks[layer] = _ArgumentRecorder(layer, captured, last=layer == len(originals) - 1)
+    device = model.get_input_embeddings().weight.device
     try:
         for input_ids in batches:
             with suppress(_StopForward):
                 model(input_ids=input_ids.to(device), use_cache=False)
     finally:
-        handle.remove()
+        for layer, block in enumerate(originals):
+            blocks[layer] = block
     if not captured.hidden:
         raise ValueError("calibration set is empty: calibration_batches/dataloader yielded no batch")
     for h in captured.hidden:
         if not torch.isfinite(h).all():
             raise NonFiniteActivationError("embeddings of the calibration batches contain NaN or inf")
+    captured.enter(0)
     return captured
+
+
+class _ArgumentRecorder(nn.Module):
+    """Stands in for block ``layer`` while its arguments are captured (see :func:`capture_block_inputs`)."""
+
+    def __init__(self, layer: int, captured: BlockInputs, last: bool) -> None:
+        super().__init__()
+        self.layer, self.captured, self.last = layer, captured, last
+
+    def forward(self, *args, **kwargs):
+        if args:
+            hidden, rest = args[0], tuple(args[1:])
+        else:
+            kwargs = dict(kwargs)
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        if self.layer == 0:
+            self.captured.hidden.append(hidden)
+        self.captured.by_layer[self.layer][0].append(rest)
+        self.captured.by_layer[self.layer][1].append(kwargs)
+        if self.last:
+            raise _StopForward
+        return hidden
 
 
 def _first_output(out):

@@ -19,6 +19,7 @@ from conftest import (
 from mosaic_lightning import PruningConfig, prune_model
 from mosaic_lightning.allocation import OWL, Mosaic
 from mosaic_lightning.calibration import capture_block_inputs
+from mosaic_lightning.methods import Magnitude
 from mosaic_lightning.stats import NonFiniteActivationError
 
 METHODS = ["magnitude", "wanda", "sparsegpt"]
@@ -223,7 +224,7 @@ def test_non_finite_embeddings_raise(calib_batches):
 
 # -- layer streaming --------------------------------------------------------------------------------------------
 def test_capture_block_inputs_keeps_only_first_block_hidden_states(llama, calib_batches):
-    inputs = capture_block_inputs(llama, llama.model.layers[0], calib_batches)
+    inputs = capture_block_inputs(llama, llama.model.layers, calib_batches)
     assert len(inputs.hidden) == len(calib_batches) == len(inputs.args) == len(inputs.kwargs)
     for h, ids in zip(inputs.hidden, calib_batches, strict=True):
         assert tuple(h.shape) == (2, 16, 64)
@@ -232,7 +233,7 @@ def test_capture_block_inputs_keeps_only_first_block_hidden_states(llama, calib_
 
 
 def test_gpt2_capture_includes_position_embeddings(gpt2, calib_batches):
-    inputs = capture_block_inputs(gpt2, gpt2.transformer.h[0], calib_batches)
+    inputs = capture_block_inputs(gpt2, gpt2.transformer.h, calib_batches)
     positions = torch.arange(16)
     for h, ids in zip(inputs.hidden, calib_batches, strict=True):
         torch.testing.assert_close(h, gpt2.transformer.wte(ids) + gpt2.transformer.wpe(positions))
@@ -415,3 +416,36 @@ def test_non_sequential_wanda_uses_dense_activations(calib_batches):
         order = torch.sort(weight.abs() * norms[None, :], dim=1, stable=True).indices[:, : weight.shape[1] // 2]
         expected = torch.ones_like(weight, dtype=torch.bool).scatter_(1, order, False)
         assert torch.equal(outcome.masks.masks[f"{name}.weight"], expected), name
+
+
+class _InputRecorder(Magnitude):
+    """Magnitude pruning that records the hidden states every block was calibrated on."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, list[torch.Tensor]] = {}
+
+    def prune_block(self, block):
+        self.seen[block.layer] = [h.clone() for h in block.inputs.hidden]
+        return super().prune_block(block)
+
+
+def test_every_block_gets_its_own_mask_and_rotary_embeddings_gemma3():
+    """Gemma 3 passes sliding-window masks and local rotary embeddings to some layers, global ones to others:
+    with sparsity 0, every block's calibration inputs equal the dense model's own hidden states there."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, sliding_window=4, rope_local_base_freq=10.0,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    )  # fmt: skip
+    model = Gemma3ForCausalLM(config).eval()
+    batches = random_batches(num=2)
+    recorder = _InputRecorder()
+    prune_model(model, batches, PruningConfig(sparsity=0.0, method=recorder, allocation="uniform"), progress=False)
+    with torch.no_grad():
+        expected = [model(input_ids=ids, output_hidden_states=True).hidden_states for ids in batches]
+    for layer in range(4):
+        for batch, hidden in enumerate(recorder.seen[layer]):
+            torch.testing.assert_close(hidden, expected[batch][layer], msg=f"block {layer}, batch {batch}")

@@ -25,6 +25,32 @@ def test_perplexity_equals_exp_mean_hf_loss(request, fixture):
     assert perplexity(model, dict_batches, progress=False) == pytest.approx(expected, rel=1e-4)
 
 
+def _gemma2():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=2.0)
+    return Gemma2ForCausalLM(config).eval()  # fmt: skip
+
+
+@pytest.mark.parametrize("fixture", ["llama", "gpt2", "opt", "gemma2"])
+def test_chunked_loss_equals_hf_loss_at_every_chunk_size(request, fixture, monkeypatch):
+    """The loss is scored a few positions at a time (never the whole logits tensor): with chunks of 1, 5 and all
+    positions it equals HF's own loss, including OPT's projection and Gemma 2's soft-capped logits."""
+    import mosaic_lightning.evaluation as evaluation
+
+    model = _gemma2() if fixture == "gemma2" else request.getfixturevalue(fixture)
+    batches = random_batches(num=2, batch=2, seq_len=12, seed=3)
+    with torch.no_grad():
+        losses = [float(model(input_ids=ids, labels=ids, use_cache=False).loss) for ids in batches]
+    expected = math.exp(sum(losses) / len(losses))
+    vocab = model.config.vocab_size
+    for positions in (1, 5, 12):
+        monkeypatch.setattr(evaluation, "LOGIT_CHUNK_VALUES", positions * 2 * vocab)  # batch 2
+        assert perplexity(model, batches, progress=False) == pytest.approx(expected, rel=1e-5), positions
+
+
 def test_perplexity_restores_training_mode_and_sees_pruning(llama):
     batches = random_batches(num=2, seed=8)
     llama.train()
@@ -43,7 +69,7 @@ def _distributed_perplexity(rank: int, port: int, batches, out) -> None:
                             timeout=datetime.timedelta(seconds=60))  # a stray collective fails instead of hanging
     try:
         model, calls = make_llama(), []
-        model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(1), with_kwargs=True)
+        model.model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(1), with_kwargs=True)
         shared = perplexity(model, batches, progress=False, distributed=True)
         forwards = len(calls)
         if rank == 0:  # the default, on one rank only: it scores everything and must not wait for rank 1

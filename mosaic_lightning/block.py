@@ -24,6 +24,7 @@ from torch import nn
 
 from .adapters import ModelAdapter, Projection
 from .calibration import BlockInputs, capture_block_inputs, collect_statistics, run_block, swapped_weights
+from .residency import BlockResidency
 from .stats import InputStatistics
 from .zero import gathered
 
@@ -45,6 +46,8 @@ class InputStream:
     ``sequential``: block ``l`` sees the output of blocks ``< l`` *as pruned* (their pending weights swapped in);
     otherwise the dense model's activations, reusing a block's dense outputs when a statistics pass kept them.
     ``pending_weights(layer)`` gives the full parameter values of a pruned block (None while it is dense).
+    ``residency`` puts the activations on the execution device. ``start_layer`` and ``start_hidden``: begin at that
+    block with those hidden states (a resumed streamed run), instead of at block 0 with the embeddings.
     """
 
     def __init__(
@@ -54,18 +57,22 @@ class InputStream:
         batches: Sequence[torch.Tensor],
         sequential: bool,
         pending_weights: Callable[[int], dict[nn.Parameter, torch.Tensor] | None] = lambda layer: None,
+        residency: BlockResidency | None = None,
+        start_layer: int = 0,
+        start_hidden: list[torch.Tensor] | None = None,
     ) -> None:
         self.model, self.adapter, self.batches = model, adapter, batches
         self.sequential, self.pending_weights = sequential, pending_weights
+        self.residency = residency or BlockResidency(adapter)
         self.layer = -1  # block whose inputs ``self._inputs`` are
         self._inputs: BlockInputs | None = None
         self._dense_outputs: dict[int, list[torch.Tensor]] = {}
+        self._start = (start_layer, start_hidden)
         self.tokens = 0
 
     def inputs(self, layer: int) -> BlockInputs:
         if self._inputs is None:
-            self._inputs = capture_block_inputs(self.model, self.adapter.block_list, self.batches)
-            self.layer, self.tokens = 0, self._inputs.tokens
+            self._capture()
         if layer < self.layer:
             raise RuntimeError(f"block {layer}'s inputs were already replaced by block {self.layer}'s")
         while self.layer < layer:
@@ -73,6 +80,25 @@ class InputStream:
             self.layer += 1
             self._inputs.enter(self.layer)
         return self._inputs
+
+    def _capture(self) -> None:
+        inputs = capture_block_inputs(self.model, self.adapter.block_list, self.batches)
+        inputs.by_layer = self.residency.inputs_to_device(inputs.by_layer)
+        start_layer, start_hidden = self._start
+        inputs.hidden = self.residency.inputs_to_device(start_hidden if start_hidden is not None else inputs.hidden)
+        inputs.enter(start_layer)
+        self._inputs, self.layer, self.tokens = inputs, start_layer, inputs.tokens
+
+    def started(self) -> bool:
+        """Whether any block's inputs were computed (a data-free method never asks)."""
+        return self._inputs is not None
+
+    def finish(self, layer: int) -> list[torch.Tensor] | None:
+        """Compute block ``layer``'s output now, while the block is loaded, and return it (the next block's
+        inputs); None for the last block and when no calibration data was read so far."""
+        if not self.started() or layer + 1 >= self.adapter.num_layers:
+            return None
+        return self.inputs(layer + 1).hidden
 
     def keep_dense_outputs(self, layer: int) -> bool:
         """Whether a statistics pass over ``layer`` should keep the block's outputs for the next block."""

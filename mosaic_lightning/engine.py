@@ -25,6 +25,7 @@ from .block import BlockContext, InputStream, PruneResult, parameter_values
 from .config import PruningConfig
 from .masks import MaskStore
 from .report import ProjectionReport, PruningReport
+from .residency import BlockResidency
 from .stats import sum_over_ranks
 from .structure import (
     UnitGroup,
@@ -76,37 +77,61 @@ def prune_model(
     config: PruningConfig,
     adapter: ModelAdapter | None = None,
     progress: bool = True,
+    residency: BlockResidency | None = None,
+    start: StartPoint | None = None,
 ) -> PruningOutcome:
-    """Prune ``model`` in place from ``calibration_batches`` (tensors of ``input_ids``)."""
+    """Prune ``model`` in place from ``calibration_batches`` (tensors of ``input_ids``).
+
+    ``residency``: where each block is worked on (:class:`~mosaic_lightning.residency.BlockResidency`; e.g. on a
+    GPU while the model stays in CPU memory, or streamed from and to disk). ``start``: continue a streamed run
+    from the block it had reached (its earlier blocks already written out).
+    """
     adapter = adapter or ModelAdapter(model, targets=config.targets, exclude=config.exclude)
+    residency = residency or BlockResidency(adapter)
     pattern = config.build_pattern()
     projections = adapter.all_projections()
     for proj in projections:
         pattern.check_shape(proj.in_features, adapter.module_name(proj))
-    _check_weights_finite(adapter)
+    if not residency.commits_each_block:  # streamed blocks are checked as they are loaded
+        _check_weights_finite(adapter)
     batches = list(calibration_batches)
     _check_token_ids(batches, model)
     report = PruningReport(config=config.to_dict())
     clock = time.perf_counter()
-    plan = plan_pruning(model, adapter, batches, config, progress)
+    plan = plan_pruning(model, adapter, batches, config, progress, residency)
     report.timings["profile"] = time.perf_counter() - clock
     clock = time.perf_counter()
     with _eval_mode(model):
-        pending, seconds, tokens = _sequential_prune(model, adapter, batches, config, plan, progress)
+        pruned = _sequential_prune(model, adapter, batches, config, plan, progress, residency, start or StartPoint())
     report.timings["prune"] = time.perf_counter() - clock
-    masks = _commit(adapter, pending)
-    report.calibration = {"batches": sum_over_ranks(len(batches)), "tokens": sum_over_ranks(tokens)}  # all ranks
-    report.structure = pending.removed
+    masks = MaskStore()
+    if not residency.commits_each_block:
+        masks = _commit(adapter, pruned.pending)
+        pruned.rows = [_report_row(adapter, p, masks, plan, pruned.seconds) for p in projections]
+    report.calibration = {"batches": sum_over_ranks(len(batches)), "tokens": sum_over_ranks(pruned.tokens)}
+    report.structure = pruned.pending.removed
     report.allocation = plan.allocation
-    report.projections = [
-        projection_report(
-            adapter, p, p.view_of(masks.masks[p.param_name]), plan.counts[p.key],
-            plan.counts[p.key] - plan.unstructured[p.key], plan.ratios.get(p.key), seconds.get(p.key, 0.0),
-        )  # fmt: skip
-        for p in projections
-    ]
+    report.projections = pruned.rows
     report.record_peak_memory("prune")
-    return PruningOutcome(masks=masks, report=report, structure=pending.removed)
+    return PruningOutcome(masks=masks, report=report, structure=pruned.pending.removed)
+
+
+@dataclass
+class StartPoint:
+    """Where the block loop begins: block ``layer`` with these calibration hidden states (None: from the
+    embeddings), the report rows of the blocks before it already made."""
+
+    layer: int = 0
+    hidden: list[torch.Tensor] | None = None
+    rows: list[ProjectionReport] = field(default_factory=list)
+
+
+@dataclass
+class _Pruned:
+    pending: _Pending
+    seconds: dict[str, float]
+    tokens: int
+    rows: list[ProjectionReport]
 
 
 def _check_weights_finite(adapter: ModelAdapter) -> None:
@@ -133,13 +158,18 @@ def _check_token_ids(batches: list, model: nn.Module) -> None:
 
 
 def plan_pruning(
-    model: nn.Module, adapter: ModelAdapter, batches: list[torch.Tensor], config: PruningConfig, progress: bool = True
+    model: nn.Module,
+    adapter: ModelAdapter,
+    batches: list[torch.Tensor],
+    config: PruningConfig,
+    progress: bool = True,
+    residency: BlockResidency | None = None,
 ) -> Plan:
     """Exact per-projection counts from the allocation (which measures what it needs on the dense model); with
     structure, units first and single weights fill up to the target. Shared by the engine and ADMM."""
     projections = adapter.all_projections()
     with _eval_mode(model):
-        context = AllocationContext(model, adapter, batches, progress, config)
+        context = AllocationContext(model, adapter, batches, progress, config, residency)
         budget = config.allocation.allocate(context, config.sparsity)
     missing = [p.key for p in projections if p.key not in budget.sparsity]
     if missing:
@@ -182,31 +212,76 @@ def _eval_mode(model: nn.Module):
         model.train(was_training)
 
 
-def _sequential_prune(model, adapter, batches, config: PruningConfig, plan: Plan, progress: bool):
-    """Block by block; see :class:`~mosaic_lightning.block.InputStream` for what ``sequential`` changes."""
-    pending = _Pending()
-    seconds: dict[str, float] = {}
+def _sequential_prune(
+    model, adapter, batches, config: PruningConfig, plan: Plan, progress: bool, residency: BlockResidency,
+    start: StartPoint,
+) -> _Pruned:  # fmt: skip
+    """Block by block; see :class:`~mosaic_lightning.block.InputStream` for what ``sequential`` changes. With a
+    residency that commits each block, a block's result is written into it (and reported) once the next block's
+    inputs are computed from it, and then the residency lets it go."""
+    pruned = _Pruned(_Pending(), {}, 0, list(start.rows))
     stream = InputStream(
-        model, adapter, batches, config.sequential, lambda layer: _pending_values(adapter, layer, pending)
-    )
+        model, adapter, batches, config.sequential, lambda layer: _pending_values(adapter, layer, pruned.pending),
+        residency, start.layer, start.hidden,
+    )  # fmt: skip
     pattern = config.build_pattern()
-    for layer in tqdm(range(adapter.num_layers), desc="pruning blocks", disable=not progress):
-        counts = {p.key: plan.unstructured[p.key] for p in adapter.projections(layer)}
-        block = BlockContext(adapter, layer, stream, pattern, counts)
-        if not block.projections:
-            continue
-        clock = time.perf_counter()
-        _remove_units(block, config.method, plan, pending)
-        results = config.method.prune_block(block)
-        _check_results(block, results, plan, config)
-        for proj in block.projections:
-            result = results[proj.key]
-            pending.keeps[proj.key] = result.keep
-            if result.weight is not None:  # the method also changed kept weights (SparseGPT)
-                pending.weights[proj.key] = result.weight.masked_fill(~result.keep, 0)
-        spread = (time.perf_counter() - clock) / len(block.projections)  # block-level methods: an equal share
-        seconds.update({p.key: block.seconds.get(p.key, spread) for p in block.projections})
-    return pending, seconds, stream.tokens
+    layers = range(start.layer, adapter.num_layers)
+    for layer in tqdm(layers, desc="pruning blocks", disable=not progress, initial=start.layer, total=len(layers)):
+        residency.load(layer)
+        try:
+            _prune_block(adapter, layer, stream, pattern, config, plan, pruned)
+            hidden = stream.finish(layer)
+            if residency.commits_each_block:
+                masks = _commit(adapter, pruned.pending, adapter.projections(layer))
+                rows = [_report_row(adapter, p, masks, plan, pruned.seconds) for p in adapter.projections(layer)]
+                pruned.rows.extend(rows)
+                residency.save(layer, hidden, pruned.rows)
+                _forget(pruned.pending, adapter.projections(layer))
+        finally:
+            residency.unload(layer)
+        _to_weights_device(pruned.pending, adapter.projections(layer))  # off the execution device
+    pruned.tokens = stream.tokens
+    return pruned
+
+
+def _prune_block(adapter, layer: int, stream: InputStream, pattern, config: PruningConfig, plan: Plan,
+                 pruned: _Pruned) -> None:  # fmt: skip
+    """Prune block ``layer`` into ``pruned.pending`` (nothing is written into the model)."""
+    counts = {p.key: plan.unstructured[p.key] for p in adapter.projections(layer)}
+    block = BlockContext(adapter, layer, stream, pattern, counts)
+    if not block.projections:
+        return
+    clock = time.perf_counter()
+    _remove_units(block, config.method, plan, pruned.pending)
+    results = config.method.prune_block(block)
+    _check_results(block, results, plan, config)
+    for proj in block.projections:
+        result = results[proj.key]
+        pruned.pending.keeps[proj.key] = result.keep
+        if result.weight is not None:  # the method also changed kept weights (SparseGPT)
+            pruned.pending.weights[proj.key] = result.weight.masked_fill(~result.keep, 0)
+    spread = (time.perf_counter() - clock) / len(block.projections)  # block-level methods: an equal share
+    pruned.seconds.update({p.key: block.seconds.get(p.key, spread) for p in block.projections})
+
+
+def _to_weights_device(pending: _Pending, projections: list[Projection]) -> None:
+    for proj in projections:
+        for results in (pending.keeps, pending.weights):
+            if proj.key in results:
+                results[proj.key] = results[proj.key].to(proj.weight.device)
+
+
+def _forget(pending: _Pending, projections: list[Projection]) -> None:
+    for proj in projections:
+        pending.keeps.pop(proj.key, None)
+        pending.weights.pop(proj.key, None)
+
+
+def _report_row(adapter, proj: Projection, masks: MaskStore, plan: Plan, seconds: dict[str, float]):
+    keep = proj.view_of(masks.masks[proj.param_name])
+    count = plan.counts[proj.key]
+    return projection_report(adapter, proj, keep, count, count - plan.unstructured[proj.key],
+                             plan.ratios.get(proj.key), seconds.get(proj.key, 0.0))  # fmt: skip
 
 
 def _remove_units(block: BlockContext, method, plan: Plan, pending: _Pending) -> None:
@@ -261,25 +336,29 @@ def _pending_values(adapter: ModelAdapter, layer: int, pending: _Pending) -> dic
 
 
 @torch.no_grad()
-def _commit(adapter: ModelAdapter, pending: _Pending) -> MaskStore:
-    """Write every pending result into the model and build the parameter-level mask store."""
-    for proj in adapter.all_projections():
+def _commit(adapter: ModelAdapter, pending: _Pending, projections: list[Projection] | None = None) -> MaskStore:
+    """Write the pending results of ``projections`` (default: all) into the model; their mask store."""
+    projections = adapter.all_projections() if projections is None else projections
+    for proj in projections:
         if proj.key in pending.weights:
             with gathered(proj.module, modify=True):
                 proj.weight_view().copy_(pending.weights[proj.key])
-    return commit_masks(adapter, pending.keeps)
+    return commit_masks(adapter, pending.keeps, projections)
 
 
 @torch.no_grad()
-def commit_masks(adapter: ModelAdapter, keeps: dict[str, torch.Tensor]) -> MaskStore:
-    """Parameter-level mask store from ``[out, in]`` keep masks by projection key, applied to the model.
+def commit_masks(
+    adapter: ModelAdapter, keeps: dict[str, torch.Tensor], projections: list[Projection] | None = None
+) -> MaskStore:
+    """Parameter-level mask store from ``[out, in]`` keep masks by projection key (of ``projections``, by
+    default all), applied to the model.
 
     Shared by the engine and solvers that choose masks themselves (ADMM), so fused and transposed
     projections (GPT-2's ``c_attn``) are laid out in one place.
     """
     masks = MaskStore()
     full_masks: dict[str, torch.Tensor] = {}
-    for proj in adapter.all_projections():
+    for proj in adapter.all_projections() if projections is None else projections:
         if proj.param_name not in full_masks:
             shape = full_shape(proj.weight)
             full_masks[proj.param_name] = torch.ones(shape, dtype=torch.bool, device=proj.weight.device)

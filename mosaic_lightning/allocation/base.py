@@ -22,6 +22,7 @@ from ..adapters import ModelAdapter, Projection
 from ..block import BlockContext, InputStream
 from ..components import Component
 from ..methods.wanda import wanda_scores
+from ..residency import BlockResidency
 
 
 @dataclass
@@ -46,16 +47,24 @@ class AllocationContext:
         batches: Sequence[torch.Tensor],
         progress: bool = True,
         config: Any = None,
+        residency: BlockResidency | None = None,
     ) -> None:
         self.model, self.adapter, self.batches, self.progress = model, adapter, batches, progress
         self.config = config  # the PruningConfig (method, pattern, bounds), for searches; not imported: a cycle
+        self.residency = residency or BlockResidency(adapter)
         self.projections: list[Projection] = adapter.all_projections()
 
     def dense_blocks(self, desc: str) -> Iterator[BlockContext]:
-        """Every block in order, on the dense model's activations (layer-streamed: one block's inputs held)."""
-        stream = InputStream(self.model, self.adapter, self.batches, sequential=False)
+        """Every block in order, on the dense model's activations (layer-streamed: one block's inputs held, and
+        each block loaded on the execution device only while it is read)."""
+        stream = InputStream(self.model, self.adapter, self.batches, sequential=False, residency=self.residency)
         for layer in tqdm(range(self.adapter.num_layers), desc=desc, disable=not self.progress):
-            yield BlockContext(self.adapter, layer, stream)
+            self.residency.load(layer)
+            try:
+                yield BlockContext(self.adapter, layer, stream)
+                stream.finish(layer)
+            finally:
+                self.residency.unload(layer)
 
 
 class Allocation(Component):

@@ -85,6 +85,8 @@ class InputStream:
         inputs = capture_block_inputs(self.model, self.adapter.block_list, self.batches)
         inputs.by_layer = self.residency.inputs_to_device(inputs.by_layer)
         start_layer, start_hidden = self._start
+        if start_layer and start_hidden is None:
+            raise RuntimeError(f"block {start_layer}'s calibration inputs were not saved; cannot continue from there")
         inputs.hidden = self.residency.inputs_to_device(start_hidden if start_hidden is not None else inputs.hidden)
         inputs.enter(start_layer)
         self._inputs, self.layer, self.tokens = inputs, start_layer, inputs.tokens

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pathlib
 import resource
 from dataclasses import asdict, dataclass, field
 
@@ -36,6 +38,7 @@ class PruningReport:
     structure: dict[str, list[int]] = field(default_factory=dict)
     allocation: dict = field(default_factory=dict)  # what the allocation measured or searched (MSP: its search)
     tasks: dict = field(default_factory=dict)  # lm-eval metrics: {task: {"dense": {...}, "pruned": {...}}}
+    io_bytes: dict[str, dict[str, int]] = field(default_factory=dict)  # streamed runs: {phase: {read, written}}
 
     @property
     def params_targeted(self) -> int:
@@ -54,10 +57,12 @@ class PruningReport:
         return sum(round(p.structured_sparsity * p.numel) for p in self.projections)
 
     def record_peak_memory(self, phase: str) -> None:
-        """Peak resident memory of this process so far (and CUDA's peak allocation when on a GPU)."""
-        self.peak_memory_mb[f"{phase}_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        """Peak resident memory of this process (and CUDA's peak allocation when on a GPU) since the last
+        :func:`reset_peak_memory`, or since the start."""
+        self.peak_memory_mb[f"{phase}_rss"] = _peak_rss_mb()
         if torch.cuda.is_available():
             self.peak_memory_mb[f"{phase}_cuda"] = torch.cuda.max_memory_allocated() / 2**20
+
 
     def to_dict(self) -> dict:
         return {
@@ -163,3 +168,20 @@ def _label(value) -> str:
     if isinstance(value, dict):
         return str(value.get("class_path", "?")).rpartition(".")[2]
     return str(value)
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak-memory phase: Linux resets the process's peak RSS (``VmHWM``) on writing 5 to
+    ``/proc/self/clear_refs``; elsewhere the peak stays the process's since its start."""
+    with contextlib.suppress(OSError):
+        pathlib.Path("/proc/self/clear_refs").write_text("5")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_rss_mb() -> float:
+    with contextlib.suppress(OSError):
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,282 @@
+"""Prune a model larger than memory: read each decoder block from the source shards, prune it, write it out.
+
+:func:`prune_streamed` is what ``python train.py fit ... --stream true`` runs. Host memory holds the embeddings,
+final norm and output embedding, one block, and one block's calibration activations (plus the evaluation
+windows' hidden states, when evaluating), whatever the depth. The engine is the in-memory one
+(:func:`~mosaic_lightning.engine.prune_model`) with a :class:`~mosaic_lightning.shards.StreamedBlocks` residency,
+so masks and weights are bit-identical to an in-memory run with the same settings.
+
+Resumable: the export is written into ``.<export_dir name>.partial`` beside ``export_dir``; after every block
+its shard, the next block's calibration inputs and the report rows so far are saved there (``progress.json``
+last, so a kill between files leaves the previous block's state). The same command again continues after the
+last block saved, when its settings and calibration tokens are the same (else it refuses, naming the folder).
+An allocation that profiles the dense model first (owl, mosaic) repeats that pass on resume (it is
+deterministic, so the plan is the same). When every block is done the index, config, tokenizer and report are
+added and the folder is renamed to ``export_dir``.
+
+Not streamed (refused before any work, in :func:`check_streamable`): training steps, structured/composite
+pruning (compaction), allocations that need the whole model at once (MSP's gradients), lm-eval tasks, the
+compressed export, multi-process runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torchmetrics.text import Perplexity
+from tqdm.auto import tqdm
+
+from .adapters import ModelAdapter
+from .calibration import capture_block_inputs, run_block
+from .config import PruningConfig
+from .engine import StartPoint, prune_model
+from .evaluation import score_hidden
+from .export import check_export_dir
+from .model_card import model_card
+from .report import ProjectionReport, PruningReport, reset_peak_memory
+from .residency import move_tensors
+from .shards import SafetensorsSource, ShardWriter, StreamedBlocks, StreamedModel, meta_skeleton
+
+PROGRESS_NAME = "progress.json"
+
+
+def partial_dir(export_dir: str | os.PathLike) -> pathlib.Path:
+    path = pathlib.Path(export_dir).absolute()
+    return path.with_name(f".{path.name}.partial")
+
+
+def check_streamable(config: PruningConfig, **options) -> None:
+    """Refuse, naming the option, what a streamed run cannot do (``options``: name -> whether it is asked)."""
+    if config.structured:
+        raise ValueError(
+            "--stream true: structured_fraction > 0 (composite pruning) needs compaction of the whole model, which "
+            "is not streamed yet; use structured_fraction 0 or run without --stream"
+        )
+    if getattr(config.allocation, "needs_whole_model", False):
+        raise ValueError(
+            f"--stream true: allocation {config.allocation.label!r} needs the whole model in memory (gradients "
+            "through every block); choose uniform, owl or mosaic, or run without --stream"
+        )
+    for name, asked in options.items():
+        if asked:
+            raise ValueError(f"--stream true cannot be combined with {name}; it prunes one-shot, one process")
+
+
+class _Progress:
+    """The partial export's state between blocks (``progress.json`` plus the next block's activations)."""
+
+    def __init__(self, directory: pathlib.Path, fingerprint: str) -> None:
+        self.directory, self.fingerprint = directory, fingerprint
+        self.state: dict = {"fingerprint": fingerprint, "next_layer": 0, "rows": [], "activations": None}
+        path = directory / PROGRESS_NAME
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("fingerprint") != fingerprint:
+                raise FileExistsError(
+                    f"{directory} holds a streamed run made with other settings or calibration data; delete it to "
+                    "start over, or run the same command as before to continue it"
+                )
+            self.state = saved
+
+    def start_point(self) -> StartPoint:
+        hidden = None
+        if self.state["activations"]:
+            from safetensors.torch import load_file
+
+            saved = load_file(self.directory / self.state["activations"])
+            hidden = [saved[f"hidden.{i}"] for i in range(len(saved))]
+        rows = [ProjectionReport(**row) for row in self.state["rows"]]
+        return StartPoint(self.state["next_layer"], hidden, rows)
+
+    def block_saved(self, layer: int, next_hidden: list[torch.Tensor] | None, rows: list[ProjectionReport]) -> None:
+        from safetensors.torch import save_file
+
+        old = self.state["activations"]
+        name = None
+        if next_hidden is not None:
+            name = f"activations-{layer + 1:05d}.safetensors"
+            save_file({f"hidden.{i}": h.detach().cpu().contiguous() for i, h in enumerate(next_hidden)},
+                      self.directory / name)  # fmt: skip
+        self.state.update(next_layer=layer + 1, rows=[dataclasses.asdict(r) for r in rows], activations=name)
+        self.save()
+        if old and old != name:
+            (self.directory / old).unlink(missing_ok=True)
+
+    def save(self) -> None:
+        path = self.directory / PROGRESS_NAME
+        path.with_suffix(".tmp").write_text(json.dumps(self.state))
+        os.replace(path.with_suffix(".tmp"), path)
+
+    def finish(self) -> None:
+        if self.state["activations"]:
+            (self.directory / self.state["activations"]).unlink(missing_ok=True)
+        (self.directory / PROGRESS_NAME).unlink()
+
+
+def fingerprint(settings: dict, batches: Sequence[torch.Tensor], eval_batches: Sequence[torch.Tensor]) -> str:
+    """What a resumed run must share with the first: its settings and every calibration and evaluation token."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for ids in (*batches, *eval_batches):
+        digest.update(ids.to(torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def prune_streamed(
+    source_dir: str | os.PathLike,
+    dtype: torch.dtype,
+    config: PruningConfig,
+    batches: list[torch.Tensor],
+    export_dir: str | os.PathLike,
+    eval_batches: list[torch.Tensor] | None = None,
+    tokenizer=None,
+    device: str | None = None,
+    progress: bool = True,
+    settings: dict | None = None,
+) -> PruningReport:
+    """Prune ``source_dir``'s model block by block from its shards into ``export_dir`` (resumable; see the module
+    docstring). ``eval_batches``: dense and pruned perplexity, each one streamed pass. ``settings``: what else
+    identifies the run (the CLI's resolved config), for the resume check."""
+    check_export_dir(export_dir)
+    check_streamable(config)
+    source = SafetensorsSource(source_dir)
+    model = meta_skeleton(source_dir, dtype)
+    adapter = ModelAdapter(model, targets=config.targets, exclude=config.exclude)
+    streamed = StreamedModel(model, adapter, source)
+    work = partial_dir(export_dir)
+    work.mkdir(exist_ok=True)
+    run = {"source": str(pathlib.Path(source_dir).absolute()), "dtype": str(dtype), "config": config.to_dict(),
+           "device": device, **(settings or {})}  # fmt: skip
+    state = _Progress(work, fingerprint(run, batches, eval_batches or []))
+    start = state.start_point()
+    io: dict[str, dict[str, int]] = state.state.setdefault("io_bytes", {})
+    peaks: dict[str, float] = state.state.setdefault("peak_memory_mb", {})
+    streamed.load_resident()
+    if eval_batches and "ppl_dense" not in state.state:
+        with _phase("dense_eval", io, peaks, source):
+            state.state["ppl_dense"] = streamed_perplexity(streamed, eval_batches, device, "dense perplexity", progress)
+        state.save()
+    writer = ShardWriter(work, adapter.num_layers + 1)
+    residency = StreamedBlocks(streamed, writer, device, on_saved=state.block_saved)
+    with _phase("prune", io, peaks, source, writer):
+        outcome = prune_model(model, batches, config, adapter, progress, residency, start)
+        writer.write(0, streamed.resident_state())
+        writer.write_index([streamed.resident_names, *streamed.block_names])
+    report = outcome.report
+    if start.layer:
+        report.calibration["resumed_at_block"] = start.layer
+    if eval_batches:
+        report.metrics["ppl_dense"] = state.state["ppl_dense"]
+        pruned = StreamedModel(model, adapter, SafetensorsSource(work))
+        with _phase("pruned_eval", io, peaks, pruned.source):
+            report.metrics["ppl_pruned"] = streamed_perplexity(pruned, eval_batches, device, "pruned perplexity",
+                                                               progress)  # fmt: skip
+    report.io_bytes, report.peak_memory_mb = io, {**peaks, **report.peak_memory_mb}
+    _write_metadata(model, tokenizer, work, report, run["source"])
+    state.finish()
+    _publish(work, pathlib.Path(export_dir).absolute())
+    return report
+
+
+def _publish(work: pathlib.Path, export_dir: pathlib.Path) -> None:
+    """Rename the finished partial folder to ``export_dir`` (which, if it exists, is empty: checked at the start)."""
+    if export_dir.exists():
+        export_dir.rmdir()
+    os.replace(work, export_dir)
+
+
+class _phase:
+    """Peak host RSS (reset at the start, Linux) and bytes read/written over one phase, into ``io`` / ``peaks``."""
+
+    def __init__(self, name, io, peaks, source: SafetensorsSource, writer: ShardWriter | None = None) -> None:
+        self.name, self.io, self.peaks, self.source, self.writer = name, io, peaks, source, writer
+
+    def __enter__(self):
+        reset_peak_memory()
+        self.read0, self.written0, self.clock = self.source.bytes_read, self._written(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is not None:
+            return
+        report = PruningReport(config={})
+        report.record_peak_memory(self.name)
+        self.peaks.update(report.peak_memory_mb)
+        self.peaks[f"{self.name}_seconds"] = time.perf_counter() - self.clock
+        self.io[self.name] = {"read": self.source.bytes_read - self.read0, "written": self._written() - self.written0}
+
+    def _written(self) -> int:
+        return self.writer.bytes_written if self.writer is not None else 0
+
+
+def _write_metadata(model: nn.Module, tokenizer, directory: pathlib.Path, report: PruningReport, base: str) -> None:
+    """What ``save_pretrained`` writes besides the weights, and our report files (as :func:`save_pruned`)."""
+    model.config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    report.save_json(directory / "pruning_report.json")
+    report.save_heatmap(directory / "sparsity_heatmap.png")
+    (directory / "README.md").write_text(model_card(report, base), encoding="utf-8")
+
+
+@torch.no_grad()
+def streamed_perplexity(
+    streamed: StreamedModel, batches: Sequence, device: str | None, desc: str, progress: bool = True
+) -> float:
+    """Perplexity with one block in memory at a time: every window's hidden states go through block 0, then
+    block 1, ...; the model's own tail (final norm) runs on them with the blocks stood in for, and the loss is
+    scored a chunk of positions at a time (:func:`~mosaic_lightning.evaluation.score_hidden`)."""
+    model, adapter = streamed.model, streamed.adapter
+    ids = [b["input_ids"] if isinstance(b, dict) else b for b in batches]
+    target = torch.device(device or "cpu")
+    inputs = capture_block_inputs(model, adapter.block_list, ids)
+    inputs.by_layer = move_tensors(inputs.by_layer, lambda t: t.to(target))
+    hidden = [h.to(target) for h in inputs.hidden]
+    for layer in tqdm(range(adapter.num_layers), desc=desc, disable=not progress):
+        streamed.load_block(layer, target)
+        try:
+            inputs.enter(layer)
+            inputs.hidden = hidden
+            hidden = run_block(adapter.blocks[layer], inputs)
+        finally:
+            streamed.free_block(layer)
+    metric = Perplexity()
+    for final, window in zip(hidden, ids, strict=True):
+        score_hidden(model, metric, _through_tail(model, adapter, final.cpu(), window), window)
+    return float(metric.compute())
+
+
+def _through_tail(model: nn.Module, adapter: ModelAdapter, final: torch.Tensor, input_ids: torch.Tensor):
+    """The base model's output (after its final norm) for the last block's output ``final``: a forward whose
+    first block returns ``final`` and whose other blocks pass it on."""
+    originals = list(adapter.block_list)
+    for layer in range(len(originals)):
+        adapter.block_list[layer] = _Constant(final) if layer == 0 else _Identity()
+    try:
+        return model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+    finally:
+        for layer, block in enumerate(originals):
+            adapter.block_list[layer] = block
+
+
+class _Constant(nn.Module):
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.value
+
+
+class _Identity(nn.Module):
+    def forward(self, hidden_states, *args, **kwargs) -> torch.Tensor:
+        return hidden_states

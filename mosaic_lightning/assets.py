@@ -85,6 +85,24 @@ def load_causal_lm(
     return model
 
 
+def local_model_dir(pretrained: str, field: str = "model.pretrained") -> pathlib.Path:
+    """A directory holding ``pretrained``'s files, for reading its shards directly (streaming): the bundled
+    model's fp32 cache, a local directory, or a hub snapshot downloaded to the hub cache (disk, not memory)."""
+    if pretrained == BUNDLED_MODEL:
+        return ensure_bundled_fp32()
+    path = check_source(pretrained, field)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return pathlib.Path(snapshot_download(pretrained, allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                                          "*.txt", "*.jinja"]))  # fmt: skip
+    except Exception as err:  # the hub client raises many kinds; all mean: no local copy could be made
+        raise FileNotFoundError(f"{field}={pretrained!r}: not a local directory and the hub download failed "
+                                f"({type(err).__name__}: {err}); give a local model directory") from err  # fmt: skip
+
+
 def check_pretrained(pretrained: str, field: str = "pretrained") -> None:
     """Refuse a model source that cannot load, before any work starts, naming ``field``: a path that does not
     exist (transformers would take a relative one for a hub id and try the network), a directory without

@@ -14,12 +14,15 @@ from lightning.pytorch import Callback
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from .assets import local_model_dir
 from .callbacks import CompactOnFitEnd, MosaicPruning
 from .callbacks.compact_on_fit_end import final_model
 from .checkpoints import check_checkpoint
 from .evaluation import perplexity
 from .export import check_export_dir, save_pruned
 from .lit import CausalLM, TextDataModule
+from .lit.module import DTYPES
+from .stream_job import check_streamable, partial_dir, prune_streamed
 from .trainer_access import causal_lm, find_callback
 from .zero_shot import ZeroShotAccuracy, check_task_options, evaluation_table
 
@@ -56,6 +59,9 @@ class MosaicCLI(LightningCLI):
                             help="score only the first N items of each lm-eval task")  # fmt: skip
         parser.add_argument("--compress_export", type=bool, default=False,
                             help="compressed-tensors' sparse(-24)-bitmask format; read by load_pruned")  # fmt: skip
+        parser.add_argument("--stream", type=bool, default=False,
+                            help="read each block from the model's safetensors shards and write it out one at a "
+                                 "time (models larger than memory; resumable); needs --export_dir")  # fmt: skip
         parser.link_arguments("model.pretrained", "data.tokenizer")
 
     def _pruning_callback(self) -> MosaicPruning:
@@ -63,7 +69,9 @@ class MosaicCLI(LightningCLI):
 
     def before_fit(self) -> None:
         config = self.config[self.subcommand]
-        if config.export_dir:
+        if config.stream:
+            self._check_stream(config)
+        if config.export_dir and not config.stream:  # a streamed run may be continuing into its partial folder
             check_export_dir(config.export_dir)
         tasks = check_task_options(config.evaluate_tasks, config.evaluate_include_path, config.evaluate_limit)
         self._zero_shot = None
@@ -73,11 +81,59 @@ class MosaicCLI(LightningCLI):
         self._clock = time.perf_counter()
         self.datamodule.setup("fit")
         self._metrics: dict[str, float] = {}
-        if config.evaluate:  # first at fit start: the strategy is set up (ranks share the batches), nothing pruned
+        if config.evaluate and not config.stream:  # at fit start: strategy set up (ranks share batches), nothing pruned
             self.trainer.callbacks.insert(0, _DensePerplexity(self))
+
+    def fit(self, model, **kwargs) -> None:
+        """``trainer.fit``, or with ``--stream true`` the streamed one-shot job (no Trainer loop: the model never
+        sits in memory as a whole)."""
+        if not self.config[self.subcommand].stream:
+            self.trainer.fit(model, **kwargs)
+            return
+        self._fit_streamed()
+
+    def _check_stream(self, config) -> None:
+        """Everything a streamed run cannot do, refused before any work."""
+        callback = self._pruning_callback()
+        if not config.export_dir:
+            raise ValueError("--stream true writes the pruned model block by block: give --export_dir")
+        check_streamable(
+            callback.config,
+            **{
+                "trainer.max_steps other than 0 (training)": self.trainer.max_steps != 0,
+                "more than one process (trainer.devices, trainer.num_nodes)": self.trainer.world_size > 1,
+                "--evaluate_tasks (lm-eval scores the whole model)": bool(config.evaluate_tasks),
+                "--compress_export true": config.compress_export,
+                "--ckpt_path (a streamed run resumes from its partial export)": bool(config.ckpt_path),
+                "a schedule other than OneShot at fit start": not callback.schedule.prunes_at_fit_start,
+                "--model.distill_weight > 0": self.model.hparams.distill_weight > 0,
+            },
+        )
+        if not partial_dir(config.export_dir).is_dir():  # else the run continues; the folder was checked then
+            check_export_dir(config.export_dir)
+
+    def _fit_streamed(self) -> None:
+        config = self.config[self.subcommand]
+        callback = self._pruning_callback()
+        source = local_model_dir(self.model.hparams.pretrained)
+        batches = self.datamodule.calibration_batches(callback.num_calibration_samples)
+        eval_batches = [b["input_ids"] for b in self.datamodule.val_dataloader()] if config.evaluate else None
+        callback.report = prune_streamed(
+            source, DTYPES[self.model.hparams.dtype], callback.config, batches, config.export_dir, eval_batches,
+            self.datamodule.tokenizer, callback.device, progress=callback.verbose,
+        )  # fmt: skip
 
     def after_fit(self) -> None:
         config = self.config[self.subcommand]
+        if config.stream:  # exported by the streamed job itself
+            report = self._pruning_callback().report
+            report.timings["total"] = time.perf_counter() - self._clock
+            for logger in self.trainer.loggers:
+                logger.log_metrics(report.metrics, step=0)
+                logger.save()
+            rank_zero_info(report.summary())
+            rank_zero_info(f"saved pruned model and pruning_report.json to {config.export_dir}")
+            return
         callback = self._pruning_callback()
         report = callback.report
         if report is None:

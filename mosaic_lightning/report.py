@@ -82,6 +82,7 @@ class PruningReport:
             "structure": self.structure,
             "allocation": self.allocation,
             "tasks": self.tasks,
+            "io_bytes": self.io_bytes,
         }
 
     def save_json(self, path: str | os.PathLike) -> None:

@@ -207,13 +207,13 @@ def tiny_model_dir(tmp_path) -> Path:
     return save_tiny_llama(tmp_path / "tiny")
 
 
-def save_tiny_llama(folder: Path) -> Path:
+def save_tiny_llama(folder: Path, layers: int = 2) -> Path:
     """What ``tiny_model_dir`` holds, saved into ``folder`` (for fixtures of a wider scope than one test)."""
     from mosaic_lightning.assets import BUNDLED_MODEL, load_tokenizer
 
     tokenizer = load_tokenizer(BUNDLED_MODEL)
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=len(tokenizer))  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

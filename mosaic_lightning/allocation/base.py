@@ -68,7 +68,13 @@ class AllocationContext:
 
 
 class Allocation(Component):
-    """Base of every allocation: ``allocate(context, target) -> Budget``."""
+    """Base of every allocation: ``allocate(context, target) -> Budget``.
+
+    ``needs_whole_model``: it runs the whole model at once (not only ``context.dense_blocks``), so it cannot
+    work on a model streamed from disk block by block.
+    """
+
+    needs_whole_model = False
 
     @abstractmethod
     def allocate(self, context: AllocationContext, target: float) -> Budget:

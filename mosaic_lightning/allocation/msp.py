@@ -59,6 +59,8 @@ class MSP(Allocation):
         seed: seed of the search.
     """
 
+    needs_whole_model = True  # gradients through the whole model, and full-model fitness forwards
+
     name = "msp"
 
     def __init__(

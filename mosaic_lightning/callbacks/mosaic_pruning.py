@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from ..adapters import ModelAdapter
 from ..allocation import Allocation
 from ..compact import check_uniform_structure
 from ..config import PruningConfig
@@ -18,6 +19,7 @@ from ..engine import PruningOutcome, prune_model
 from ..masks import MaskStore
 from ..methods import PruningMethod
 from ..report import ProjectionReport, PruningReport
+from ..residency import BlockResidency
 from ..schedules import OneShot, Schedule
 from ..trainer_access import causal_lm
 from ..zero import deepspeed_engine
@@ -58,6 +60,9 @@ class MosaicPruning(L.Callback):
         num_calibration_samples: sequences to calibrate on (from the datamodule's ``calibration_batches`` or its
             train loader). None = the datamodule's own setting, else 128.
         calibration_dataloader: an explicit iterable of ``input_ids`` tensors or dicts holding them.
+        device: the execution device for calibration and pruning, e.g. ``cuda``: the model stays where it is (CPU
+            memory) and each decoder block, with its calibration activations, moves there while it is worked on,
+            then back. None (default): where the model is.
         verbose: print the per-projection table on rank 0.
     """
 
@@ -79,6 +84,7 @@ class MosaicPruning(L.Callback):
         schedule: Schedule | None = None,
         num_calibration_samples: int | None = None,
         calibration_dataloader: Iterable | None = None,
+        device: str | None = None,
         verbose: bool = True,
     ) -> None:
         super().__init__()
@@ -103,6 +109,7 @@ class MosaicPruning(L.Callback):
             raise ValueError(f"num_calibration_samples={num_calibration_samples}; must be >= 1")
         self.num_calibration_samples = num_calibration_samples
         self.calibration_dataloader = calibration_dataloader
+        self.device = check_device(device)
         self.verbose = verbose
         self.masks: MaskStore | None = None
         self.report: PruningReport | None = None
@@ -171,7 +178,10 @@ class MosaicPruning(L.Callback):
     def prune(self, trainer: L.Trainer, model: nn.Module, sparsity: float, batches: list[torch.Tensor]) -> None:
         """Prune ``model`` to ``sparsity`` now, replacing the masks, report and structure."""
         config = dataclasses.replace(self.config, sparsity=sparsity)
-        outcome = prune_model(model, batches, config, progress=self.verbose and trainer.is_global_zero)
+        adapter = ModelAdapter(model, targets=config.targets, exclude=config.exclude)
+        residency = BlockResidency(adapter, self.device)
+        progress = self.verbose and trainer.is_global_zero
+        outcome = prune_model(model, batches, config, adapter, progress, residency)
         self.adopt(trainer, model, outcome)
 
     def adopt(self, trainer: L.Trainer, model: nn.Module, outcome: PruningOutcome) -> None:
@@ -217,6 +227,19 @@ class MosaicPruning(L.Callback):
         self.schedule.load_state_dict(state_dict.get("schedule", {}))
         if state_dict.get("report") is not None:  # a resumed run reports and exports what the pruning run measured
             self.report = _report_from_state(state_dict["report"])
+
+
+def check_device(device: str | None, field: str = "device") -> str | None:
+    """A device torch knows and this machine has (refused at construction, before any work)."""
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{field}={device!r} is not a torch device; e.g. cpu, cuda, cuda:1") from err
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{field}={device!r}, but torch sees no CUDA device here; use cpu or leave it unset")
+    return device
 
 
 def build_model_now(trainer: L.Trainer, pl_module: L.LightningModule) -> None:

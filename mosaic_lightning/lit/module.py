@@ -40,7 +40,7 @@ def _zero3(trainer: L.Trainer | None) -> bool:
     return isinstance(config, dict) and config.get("zero_optimization", {}).get("stage") == 3
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LR_SCHEDULES = ("constant", "linear")
 
 
@@ -75,8 +75,8 @@ class CausalLM(L.LightningModule):
     ) -> None:
         super().__init__()
         check_pretrained(pretrained)  # a wrong path fails here, before the data is read or anything loads
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype={dtype!r}; allowed values: {sorted(_DTYPES)}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}; allowed values: {sorted(DTYPES)}")
         _check_options(betas, lr_schedule, distill_weight, distill_temperature)
         self.save_hyperparameters()
         self.model = None
@@ -94,7 +94,7 @@ class CausalLM(L.LightningModule):
         if self.model is None:
             with _transformers_knows_zero3(self._trainer):
                 self.model = load_causal_lm(
-                    self.hparams.pretrained, _DTYPES[self.hparams.dtype], self.hparams.allow_missing_weights
+                    self.hparams.pretrained, DTYPES[self.hparams.dtype], self.hparams.allow_missing_weights
                 )
         if self.hparams.distill_weight > 0 and not self._teacher:
             if _zero3(self._trainer):

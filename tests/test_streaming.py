@@ -1,0 +1,193 @@
+"""Streamed pruning (``--stream true``): blocks read from safetensors shards one at a time and written out shard by
+shard. Checked against the in-memory engine on the same inputs: bit-identical weights, equal perplexity."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_batches, write_text_files
+from transformers import AutoModelForCausalLM
+
+from mosaic_lightning import PruningConfig, perplexity, prune_model
+from mosaic_lightning.stream_job import partial_dir, prune_streamed
+
+ROOT_DIR = Path(__file__).resolve().parents[1]
+_SIZES = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2)  # fmt: skip
+
+
+def _family(name: str):
+    import transformers as T
+
+    torch.manual_seed(0)
+    if name == "llama":
+        return T.LlamaForCausalLM(T.LlamaConfig(**_SIZES, tie_word_embeddings=False))
+    if name == "gemma3":  # sliding-window layers with local rotary embeddings beside global ones
+        return T.Gemma3ForCausalLM(T.Gemma3TextConfig(**_SIZES, head_dim=8, sliding_window=4,
+                                                      rope_local_base_freq=10.0))  # fmt: skip
+    if name == "opt":
+        return T.OPTForCausalLM(T.OPTConfig(vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=3,
+                                            num_attention_heads=4, word_embed_proj_dim=32))  # fmt: skip
+    return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=128, n_embd=32, n_layer=3, n_head=4))
+
+
+def _save_sharded(model, folder: Path) -> Path:
+    """A bf16 checkpoint in several shards (the streamed source), loaded back as float32 by both paths."""
+    model.to(torch.bfloat16).save_pretrained(folder, max_shard_size="20KB")
+    return folder
+
+
+def _in_memory(source: Path, config: PruningConfig, batches, eval_batches):
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    prune_model(model, batches, config, progress=False)
+    return model, perplexity(model, eval_batches, progress=False)
+
+
+@pytest.mark.parametrize(("family", "method", "allocation", "sequential"), [
+    ("llama", "sparsegpt", "owl", True),
+    ("llama", "wanda", "uniform", False),
+    ("llama", "magnitude", "uniform", True),  # data-free: no activations at all
+    ("gemma3", "wanda", "uniform", True),
+    ("opt", "sparsellm", "uniform", True),  # a block-level method
+    ("gpt2", "sparsegpt", "uniform", True),  # fused c_attn, tied output embedding
+])  # fmt: skip
+def test_streamed_equals_in_memory(tmp_path, family, method, allocation, sequential):
+    source = _save_sharded(_family(family), tmp_path / "source")
+    assert (source / "model.safetensors.index.json").is_file()
+    batches, eval_batches = random_batches(num=3), random_batches(num=2, seed=5)
+    config = PruningConfig(sparsity=0.6, method=method, allocation=allocation, sequential=sequential)
+    report = prune_streamed(source, torch.float32, config, batches, tmp_path / "out", eval_batches, progress=False)
+
+    again = PruningConfig(sparsity=0.6, method=method, allocation=allocation, sequential=sequential)
+    expected, expected_ppl = _in_memory(source, again, batches, eval_batches)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    got, want = exported.state_dict(), expected.state_dict()
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+    assert report.metrics["ppl_pruned"] == pytest.approx(expected_ppl, rel=1e-6)
+    assert report.achieved_sparsity == pytest.approx(0.6, abs=1e-3)
+    assert not partial_dir(tmp_path / "out").exists()
+    written = json.loads((tmp_path / "out" / "pruning_report.json").read_text())
+    assert written["io_bytes"]["prune"]["read"] > 0 and written["io_bytes"]["prune"]["written"] > 0
+
+
+def test_at_most_one_block_is_in_memory_at_a_time(tmp_path):
+    """Every block parameter stays on ``meta`` except the one block being worked on."""
+    import accelerate.utils
+
+    source = _save_sharded(_family("llama"), tmp_path / "source")
+    most, real = [0], set()
+    place = accelerate.utils.set_module_tensor_to_device
+
+    def counting(module, name, device, value=None, **kwargs):
+        place(module, name, device, value=value, **kwargs)
+        if name.startswith("model.layers."):
+            layer = name.split(".")[2]
+            (real.add if str(device) != "meta" else real.discard)(layer)
+            most[0] = max(most[0], len(real))
+
+    accelerate.utils.set_module_tensor_to_device = counting
+    try:
+        prune_streamed(source, torch.float32, PruningConfig(0.5, "sparsegpt", "owl"), random_batches(num=2),
+                       tmp_path / "out", random_batches(num=1, seed=4), progress=False)  # fmt: skip
+    finally:
+        accelerate.utils.set_module_tensor_to_device = place
+    assert most[0] == 1 and not real
+
+
+@pytest.mark.parametrize(("field", "config", "match"), [
+    ("structured", PruningConfig(0.5, "wanda", "uniform", structured_fraction=0.5), "structured_fraction"),
+    ("msp", PruningConfig(0.5, "wanda", "msp"), "allocation 'msp'"),
+])  # fmt: skip
+def test_what_cannot_stream_is_refused_before_any_work(tmp_path, field, config, match):
+    source = _save_sharded(_family("llama"), tmp_path / "source")
+    with pytest.raises(ValueError, match=match):
+        prune_streamed(source, torch.float32, config, random_batches(), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not partial_dir(tmp_path / "out").exists()
+
+
+def test_a_source_without_every_tensor_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    source = _family("llama")
+    source.save_pretrained(tmp_path / "source")
+    state = load_file(tmp_path / "source" / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, tmp_path / "source" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks tensors .*model\.layers\.1\.mlp\.up_proj\.weight"):
+        prune_streamed(tmp_path / "source", torch.float32, PruningConfig(0.5, "wanda", "uniform"), random_batches(),
+                       tmp_path / "out", progress=False)  # fmt: skip
+
+
+# -- the CLI, as our acceptance checks run it ----------------------------------------------------------------
+def _cli(tmp_path: Path, model_dir: Path, export: Path, *overrides: str, env=None) -> subprocess.CompletedProcess:
+    train, test = write_text_files(tmp_path)
+    return subprocess.run(
+        [sys.executable, str(ROOT_DIR / "train.py"), "fit", "--config", str(ROOT_DIR / "recipes/wanda-50.yaml"),
+         "--model.pretrained", str(model_dir), "--data.train_files", str(train), "--data.eval_files", str(test),
+         "--data.seq_len", "32", "--data.num_calibration_samples", "8", "--data.max_eval_windows", "2",
+         "--trainer.logger", "false", "--export_dir", str(export), *overrides],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+
+
+def _assert_same_tensors(a: Path, b: Path) -> None:
+    got, want = _tensors(a), _tensors(b)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_cli_stream_export_equals_in_memory_export(tmp_path, tiny_model_dir):
+    streamed = _cli(tmp_path, tiny_model_dir, tmp_path / "streamed", "--stream", "true")
+    assert streamed.returncode == 0, streamed.stderr[-3000:]
+    in_memory = _cli(tmp_path, tiny_model_dir, tmp_path / "in_memory")
+    assert in_memory.returncode == 0, in_memory.stderr[-3000:]
+    _assert_same_tensors(tmp_path / "streamed", tmp_path / "in_memory")
+    reports = [json.loads((tmp_path / d / "pruning_report.json").read_text()) for d in ("streamed", "in_memory")]
+    for key in ("ppl_dense", "ppl_pruned"):
+        assert reports[0][key] == pytest.approx(reports[1][key], rel=1e-6)
+    assert (tmp_path / "streamed" / "model.safetensors.index.json").is_file()
+    assert (tmp_path / "streamed" / "tokenizer.json").is_file()
+
+
+def test_cli_stream_killed_mid_run_continues_from_the_last_block(tmp_path):
+    """SIGKILL at block 2 of 4; the same command again continues there and exports what an uninterrupted run does."""
+    from conftest import save_tiny_llama
+
+    model_dir = save_tiny_llama(tmp_path / "tiny", layers=4)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT_DIR / "tests"), os.environ.get("PYTHONPATH", "")])}
+    method = ["--pruning.method", "stream_killer.KillAtBlock", "--pruning.method.init_args.layer", "2",
+              "--pruning.method.init_args.marker", str(tmp_path / "killed"), "--stream", "true"]  # fmt: skip
+    first = _cli(tmp_path, model_dir, tmp_path / "out", *method, env=env)
+    assert first.returncode == -9, first.stderr[-3000:]
+    progress = json.loads((partial_dir(tmp_path / "out") / "progress.json").read_text())
+    assert progress["next_layer"] == 2 and not (tmp_path / "out").exists()
+    changed = _cli(tmp_path, model_dir, tmp_path / "out", *method, "--pruning.sparsity", "0.6", env=env)
+    assert changed.returncode != 0 and "made with other settings" in changed.stderr
+
+    again = _cli(tmp_path, model_dir, tmp_path / "out", *method, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "pruning_report.json").read_text())
+    assert report["calibration"]["resumed_at_block"] == 2 and len(report["projections"]) == 4 * 7
+
+    whole = _cli(tmp_path, model_dir, tmp_path / "whole", *method, env=env)  # the marker exists: no kill
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    _assert_same_tensors(tmp_path / "out", tmp_path / "whole")
+
+
+def test_cli_stream_refuses_training_steps_before_any_work(tmp_path, tiny_model_dir):
+    result = _cli(tmp_path, tiny_model_dir, tmp_path / "out", "--stream", "true", "--trainer.max_steps", "3")
+    assert result.returncode != 0 and "trainer.max_steps" in result.stderr
+    assert not (tmp_path / "out").exists() and not partial_dir(tmp_path / "out").exists()

@@ -18,6 +18,7 @@ from torch import nn
 from torchmetrics.text import Perplexity
 from tqdm.auto import tqdm
 
+from .adapters import unwrap_peft
 from .zero import is_partitioned
 
 LOGIT_CHUNK_VALUES = 1 << 24  # logits held at once while scoring (64 MB in float32)
@@ -44,7 +45,8 @@ def score_hidden(model: nn.Module, metric: Perplexity, hidden: torch.Tensor, inp
 
 def _score(model: nn.Module, metric: Perplexity, input_ids: torch.Tensor) -> None:
     """Chunked where the model is a base model plus an output embedding (every family the adapters know); any
-    other model through its full logits."""
+    other model through its full logits. Under a peft wrapper (LoRA recovery), the wrapped model's."""
+    model = unwrap_peft(model)
     base = getattr(model, "base_model", None)
     if base is None or base is model or model.get_output_embeddings() is None:
         update_perplexity(metric, model(input_ids=input_ids, use_cache=False).logits, input_ids)

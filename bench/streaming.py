@@ -1,6 +1,6 @@
 """Streamed pruning (``--stream true``): peak memory, time and bytes moved, against the in-memory path.
 
-    python bench/streaming.py real --out bench/out/streaming-real.json
+    python bench/streaming.py real --eval-windows 64 --out bench/out/streaming-real.json
     python bench/streaming.py big --work /big/disk/folder --out bench/out/streaming-big.json
 
 ``real``: the bundled SmolLM2-135M, ``recipes/wanda-50.yaml`` through the CLI, in memory and then ``--stream
@@ -53,8 +53,8 @@ def real(args) -> dict:
     work = pathlib.Path(args.work) / "streaming-real"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    base = ["--config", "recipes/wanda-50.yaml", "--trainer.logger", "false",
-            "--data.num_calibration_samples", str(args.samples)]  # fmt: skip
+    base = ["--config", "recipes/wanda-50.yaml", "--trainer.logger", "false", "--data.num_calibration_samples",
+            str(args.samples), "--data.max_eval_windows", str(args.eval_windows)]  # fmt: skip
     rows = {}
     for name, extra in (("in_memory", []), ("streamed", ["--stream", "true"])):
         rows[name] = _timed_cli([*base, *extra, "--export_dir", str(work / name)], work / f"{name}.log")
@@ -190,6 +190,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--samples", type=int, default=None, help="calibration sequences (real: 128, big: 4)")
     parser.add_argument("--seq-len", type=int, default=128, help="big: calibration sequence length")
+    parser.add_argument("--eval-windows", type=int, default=64, help="real: held-out windows scored")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--mlp", type=int, default=11008)

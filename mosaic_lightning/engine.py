@@ -6,6 +6,10 @@ calibration data only when the method reads it. Nothing is written into the mode
 processed: each block's result is held as pending masks (and, for reconstructing methods, new weights), the
 block runs with them swapped in to feed the next block, and only then are all results committed. So a bad
 input found at block 20 (NaN activations, say) raises with the model exactly as it was.
+
+Where a block is worked on is a :class:`~mosaic_lightning.residency.BlockResidency`: in place, on an execution
+device, or streamed from the source shards (:mod:`mosaic_lightning.shards`). A streamed block is committed and
+written out as soon as the next block's inputs are computed from it (the source files are never changed).
 """
 
 from __future__ import annotations
@@ -226,7 +230,8 @@ def _sequential_prune(
     )  # fmt: skip
     pattern = config.build_pattern()
     layers = range(start.layer, adapter.num_layers)
-    for layer in tqdm(layers, desc="pruning blocks", disable=not progress, initial=start.layer, total=len(layers)):
+    for layer in tqdm(layers, desc="pruning blocks", disable=not progress, initial=start.layer,
+                      total=adapter.num_layers):  # fmt: skip
         residency.load(layer)
         try:
             _prune_block(adapter, layer, stream, pattern, config, plan, pruned)

@@ -191,3 +191,41 @@ def test_cli_stream_refuses_training_steps_before_any_work(tmp_path, tiny_model_
     result = _cli(tmp_path, tiny_model_dir, tmp_path / "out", "--stream", "true", "--trainer.max_steps", "3")
     assert result.returncode != 0 and "trainer.max_steps" in result.stderr
     assert not (tmp_path / "out").exists() and not partial_dir(tmp_path / "out").exists()
+
+
+# -- the execution device ------------------------------------------------------------------------------------
+def test_device_is_checked_at_construction():
+    from mosaic_lightning import MosaicPruning
+
+    with pytest.raises(ValueError, match="device='gpu0' is not a torch device"):
+        MosaicPruning(device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            MosaicPruning(device="cuda")
+
+
+def test_blocks_move_to_the_execution_device_and_back(monkeypatch):
+    """Every block is on the execution device while it is pruned and back home after; the result equals the
+    default's. (On this CPU-only machine the 'device' is the CPU, so the move is observed, not its speed.)"""
+    from conftest import make_llama
+
+    from mosaic_lightning.adapters import ModelAdapter
+    from mosaic_lightning.residency import BlockResidency
+
+    moves: list[tuple[int, str]] = []
+    original = BlockResidency.load
+
+    def load(self, layer):
+        original(self, layer)
+        moves.append((layer, str(next(self.adapter.blocks[layer].parameters()).device)))
+
+    monkeypatch.setattr(BlockResidency, "load", load)
+    batches = random_batches()
+    model, reference = make_llama(), make_llama()
+    config = PruningConfig(0.5, "sparsegpt", "owl")
+    adapter = ModelAdapter(model)
+    prune_model(model, batches, config, adapter, progress=False, residency=BlockResidency(adapter, "cpu"))
+    prune_model(reference, batches, PruningConfig(0.5, "sparsegpt", "owl"), progress=False)
+    assert [layer for layer, _ in moves[:2]] == [0, 1] and {d for _, d in moves} == {"cpu"}
+    for (name, got), want in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+        assert torch.equal(got, want), name

@@ -23,7 +23,14 @@ import torch
 from torch import nn
 
 from .adapters import ModelAdapter, Projection
-from .calibration import BlockInputs, capture_block_inputs, collect_statistics, run_block, swapped_weights
+from .calibration import (
+    BlockInputs,
+    capture_block_inputs,
+    collect_statistics,
+    run_block,
+    run_block_in_place,
+    swapped_weights,
+)
 from .residency import BlockResidency
 from .stats import InputStatistics
 from .zero import gathered
@@ -76,7 +83,7 @@ class InputStream:
         if layer < self.layer:
             raise RuntimeError(f"block {layer}'s inputs were already replaced by block {self.layer}'s")
         while self.layer < layer:
-            self._inputs.hidden = self._output_of(self.layer)
+            self._advance(self.layer)
             self.layer += 1
             self._inputs.enter(self.layer)
         return self._inputs
@@ -109,16 +116,20 @@ class InputStream:
     def offer_dense_outputs(self, layer: int, outputs: list[torch.Tensor]) -> None:
         self._dense_outputs[layer] = outputs
 
-    def _output_of(self, layer: int) -> list[torch.Tensor]:
+    def _advance(self, layer: int) -> None:
+        """Replace the held inputs of block ``layer`` by its outputs (as pruned, if sequential), batch by batch,
+        so the calibration activations are never held twice."""
+        dense = None if self.sequential else self._dense_outputs.pop(layer, None)
+        if dense is not None:
+            self._inputs.hidden = dense
+            return
         block = self.adapter.blocks[layer]
-        if not self.sequential:
-            dense = self._dense_outputs.pop(layer, None)
-            return dense if dense is not None else run_block(block, self._inputs)
-        weights = self.pending_weights(layer)
+        weights = self.pending_weights(layer) if self.sequential else None
         if weights is None:
-            return run_block(block, self._inputs)
+            run_block_in_place(block, self._inputs)
+            return
         with swapped_weights(weights):
-            return run_block(block, self._inputs)
+            run_block_in_place(block, self._inputs)
 
 
 class BlockContext:

@@ -139,11 +139,10 @@ def prune_streamed(
     tokenizer=None,
     device: str | None = None,
     progress: bool = True,
-    settings: dict | None = None,
 ) -> PruningReport:
     """Prune ``source_dir``'s model block by block from its shards into ``export_dir`` (resumable; see the module
-    docstring). ``eval_batches``: dense and pruned perplexity, each one streamed pass. ``settings``: what else
-    identifies the run (the CLI's resolved config), for the resume check."""
+    docstring). ``eval_batches``: dense and pruned perplexity, each one streamed pass. A resumed run must have the
+    same source, dtype, pruning config, device and calibration/evaluation tokens (checked)."""
     check_export_dir(export_dir)
     check_streamable(config)
     source = SafetensorsSource(source_dir)
@@ -153,7 +152,7 @@ def prune_streamed(
     work = partial_dir(export_dir)
     work.mkdir(exist_ok=True)
     run = {"source": str(pathlib.Path(source_dir).absolute()), "dtype": str(dtype), "config": config.to_dict(),
-           "device": device, **(settings or {})}  # fmt: skip
+           "device": device}  # fmt: skip
     state = _Progress(work, fingerprint(run, batches, eval_batches or []))
     start = state.start_point()
     io: dict[str, dict[str, int]] = state.state.setdefault("io_bytes", {})

@@ -23,14 +23,7 @@ import torch
 from torch import nn
 
 from .adapters import ModelAdapter, Projection
-from .calibration import (
-    BlockInputs,
-    capture_block_inputs,
-    collect_statistics,
-    run_block,
-    run_block_in_place,
-    swapped_weights,
-)
+from .calibration import BlockInputs, capture_block_inputs, collect_statistics, run_block, swapped_weights
 from .residency import BlockResidency
 from .stats import InputStatistics
 from .zero import gathered
@@ -83,7 +76,7 @@ class InputStream:
         if layer < self.layer:
             raise RuntimeError(f"block {layer}'s inputs were already replaced by block {self.layer}'s")
         while self.layer < layer:
-            self._advance(self.layer)
+            self._inputs.hidden = self._output_of(self.layer)
             self.layer += 1
             self._inputs.enter(self.layer)
         return self._inputs
@@ -116,20 +109,16 @@ class InputStream:
     def offer_dense_outputs(self, layer: int, outputs: list[torch.Tensor]) -> None:
         self._dense_outputs[layer] = outputs
 
-    def _advance(self, layer: int) -> None:
-        """Replace the held inputs of block ``layer`` by its outputs (as pruned, if sequential), batch by batch,
-        so the calibration activations are never held twice."""
-        dense = None if self.sequential else self._dense_outputs.pop(layer, None)
-        if dense is not None:
-            self._inputs.hidden = dense
-            return
+    def _output_of(self, layer: int) -> list[torch.Tensor]:
         block = self.adapter.blocks[layer]
-        weights = self.pending_weights(layer) if self.sequential else None
+        if not self.sequential:
+            dense = self._dense_outputs.pop(layer, None)
+            return dense if dense is not None else run_block(block, self._inputs)
+        weights = self.pending_weights(layer)
         if weights is None:
-            run_block_in_place(block, self._inputs)
-            return
+            return run_block(block, self._inputs)
         with swapped_weights(weights):
-            run_block_in_place(block, self._inputs)
+            return run_block(block, self._inputs)
 
 
 class BlockContext:

@@ -111,13 +111,6 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def run_block_in_place(block: nn.Module, inputs: BlockInputs) -> None:
-    """Each batch's hidden states replaced by the block's output for them, one batch at a time."""
-    for i, (a, k) in enumerate(zip(inputs.args, inputs.kwargs, strict=True)):
-        inputs.hidden[i] = _first_output(block(inputs.hidden[i], *a, **k))
-
-
-@torch.no_grad()
 def collect_statistics(
     block: nn.Module,
     modules: Sequence[tuple[str, nn.Module]],

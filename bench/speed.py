@@ -3,7 +3,12 @@
     python bench/speed.py --calibration-samples 128 --seq-len 512 --repeats 3 --out bench/out/speed.json
     python bench/speed.py --kinds forward,sparsegpt,sparsellm,wanda,wanda@msp --out bench/out/speed-methods.json
 
-A kind is a method (``wanda``), optionally ``-dense`` (non-sequential) and ``@allocation`` (default uniform).
+A kind is a method (``wanda``), optionally ``-dense`` (non-sequential) and ``@allocation`` (default uniform);
+``stream:`` before it prunes streamed from the bundled model's safetensors file into a temporary export
+(``prune_streamed``: its time includes reading the blocks and writing the export shards).
+
+    python bench/speed.py --kinds forward,wanda,stream:wanda --calibration-samples 32 --repeats 2 \
+        --out bench/out/speed-stream.json
 
 Each measurement runs in a fresh subprocess so that its peak RSS is its own. Times exclude model loading.
 The lower bound for a calibration-based pruner is one forward pass over the calibration tokens; the ratio
@@ -41,6 +46,8 @@ def measure(kind: str, samples: int, seq_len: int) -> dict:
     from mosaic_lightning.assets import BUNDLED_MODEL, load_causal_lm
 
     batches = _calibration(samples, seq_len)
+    if kind.startswith("stream:"):
+        return _measure_streamed(kind, batches)
     model = load_causal_lm(BUNDLED_MODEL).eval()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     clock = time.perf_counter()
@@ -60,6 +67,26 @@ def measure(kind: str, samples: int, seq_len: int) -> dict:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_after_load_mb": rss_before,
     }
+
+
+def _measure_streamed(kind: str, batches: list[torch.Tensor]) -> dict:
+    import tempfile
+
+    from mosaic_lightning import PruningConfig
+    from mosaic_lightning.assets import ensure_bundled_fp32
+    from mosaic_lightning.stream_job import prune_streamed
+
+    source = ensure_bundled_fp32()
+    spec, _, allocation = kind.removeprefix("stream:").partition("@")
+    method, _, variant = spec.partition("-")
+    config = PruningConfig(0.5, method, allocation or "uniform", sequential=variant != "dense")
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with tempfile.TemporaryDirectory() as folder:
+        clock = time.perf_counter()
+        prune_streamed(source, torch.float32, config, batches, pathlib.Path(folder) / "export", progress=False)
+        seconds = time.perf_counter() - clock
+    return {"kind": kind, "seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_after_load_mb": rss_before}  # fmt: skip
 
 
 def main() -> None:

@@ -1,8 +1,9 @@
 """Layer-streamed calibration: run calibration batches through one decoder block at a time.
 
 Only the hidden states entering the current block are held (one tensor per batch), so peak memory is one
-block plus its activations, never the whole model's. The block's own keyword arguments (attention mask,
-rotary embeddings, ...) are captured once from the real model forward, which keeps this architecture-generic.
+block plus its activations, never the whole model's. Every block's own other arguments (attention mask,
+rotary embeddings, ...; they differ between blocks in Gemma 2/3) are captured once from the model's own forward
+with the blocks stood in for (:func:`capture_block_inputs`), which keeps this architecture-generic.
 """
 
 from __future__ import annotations

@@ -55,18 +55,13 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: Itera
     input unchanged, and the last one ends the pass: no block computes, its hooks do not fire (under ZeRO-3 no
     block is gathered), the head never runs, and blocks that are not loaded (streamed from disk) are fine.
     """
-    originals = list(blocks)
-    captured = BlockInputs([], [], [], [([], []) for _ in originals])
-    for layer in range(len(originals)):
-        blocks[layer] = _ArgumentRecorder(layer, captured, last=layer == len(originals) - 1)
+    captured = BlockInputs([], [], [], [([], []) for _ in blocks])
+    recorders = [_ArgumentRecorder(layer, captured, last=layer == len(blocks) - 1) for layer in range(len(blocks))]
     device = model.get_input_embeddings().weight.device
-    try:
+    with blocks_replaced(blocks, recorders):
         for input_ids in batches:
             with suppress(_StopForward):
                 model(input_ids=input_ids.to(device), use_cache=False)
-    finally:
-        for layer, block in enumerate(originals):
-            blocks[layer] = block
     if not captured.hidden:
         raise ValueError("calibration set is empty: calibration_batches/dataloader yielded no batch")
     for h in captured.hidden:
@@ -74,6 +69,20 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: Itera
             raise NonFiniteActivationError("embeddings of the calibration batches contain NaN or inf")
     captured.enter(0)
     return captured
+
+
+@contextmanager
+def blocks_replaced(blocks: nn.ModuleList, stand_ins: Sequence[nn.Module]):
+    """Every entry of the model's ``blocks`` replaced by its stand-in for the duration, then restored: runs the
+    model's own forward around the blocks (embeddings, masks, final norm) without computing them."""
+    originals = list(blocks)
+    for layer, stand_in in enumerate(stand_ins):
+        blocks[layer] = stand_in
+    try:
+        yield
+    finally:
+        for layer, block in enumerate(originals):
+            blocks[layer] = block
 
 
 class _ArgumentRecorder(nn.Module):

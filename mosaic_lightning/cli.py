@@ -22,7 +22,7 @@ from .evaluation import perplexity
 from .export import check_export_dir, save_pruned
 from .lit import CausalLM, TextDataModule
 from .lit.module import DTYPES
-from .stream_job import check_streamable, partial_dir, prune_streamed
+from .stream_job import check_streamable, prune_streamed
 from .trainer_access import causal_lm, find_callback
 from .zero_shot import ZeroShotAccuracy, check_task_options, evaluation_table
 
@@ -71,7 +71,7 @@ class MosaicCLI(LightningCLI):
         config = self.config[self.subcommand]
         if config.stream:
             self._check_stream(config)
-        if config.export_dir and not config.stream:  # a streamed run may be continuing into its partial folder
+        if config.export_dir:  # a resumed streamed run writes into its partial folder: export_dir is still new
             check_export_dir(config.export_dir)
         tasks = check_task_options(config.evaluate_tasks, config.evaluate_include_path, config.evaluate_limit)
         self._zero_shot = None
@@ -109,8 +109,6 @@ class MosaicCLI(LightningCLI):
                 "--model.distill_weight > 0": self.model.hparams.distill_weight > 0,
             },
         )
-        if not partial_dir(config.export_dir).is_dir():  # else the run continues; the folder was checked then
-            check_export_dir(config.export_dir)
 
     def _fit_streamed(self) -> None:
         config = self.config[self.subcommand]
@@ -127,11 +125,7 @@ class MosaicCLI(LightningCLI):
         config = self.config[self.subcommand]
         if config.stream:  # exported by the streamed job itself
             report = self._pruning_callback().report
-            report.timings["total"] = time.perf_counter() - self._clock
-            for logger in self.trainer.loggers:
-                logger.log_metrics(report.metrics, step=0)
-                logger.save()
-            rank_zero_info(report.summary())
+            self._log_and_summarise(report, report.metrics)
             rank_zero_info(f"saved pruned model and pruning_report.json to {config.export_dir}")
             return
         callback = self._pruning_callback()
@@ -150,18 +144,22 @@ class MosaicCLI(LightningCLI):
             self._metrics.update(self._zero_shot.seconds)
         logged = {**self._metrics, **(self._zero_shot.logged_metrics() if self._zero_shot else {})}
         report.metrics.update(self._metrics)
-        report.timings["total"] = time.perf_counter() - self._clock
-        report.record_peak_memory("total")
-        for logger in self.trainer.loggers:
-            logger.log_metrics(logged, step=self.trainer.global_step)
-            logger.save()
-        rank_zero_info(report.summary())
+        self._log_and_summarise(report, logged)
         if self._zero_shot:
             rank_zero_info(evaluation_table(self._metrics, report.tasks))
         if config.export_dir and self.trainer.is_global_zero:
             path = save_pruned(model, self.datamodule.tokenizer, config.export_dir, report, config.compress_export,
                                base_model=config.model.pretrained)  # fmt: skip
             rank_zero_info(f"saved pruned model and pruning_report.json to {path}")
+
+    def _log_and_summarise(self, report, logged: dict[str, float]) -> None:
+        """The run's total time and peak memory into ``report``; ``logged`` to every logger; the summary printed."""
+        report.timings["total"] = time.perf_counter() - self._clock
+        report.record_peak_memory("total")
+        for logger in self.trainer.loggers:
+            logger.log_metrics(logged, step=self.trainer.global_step)
+            logger.save()
+        rank_zero_info(report.summary())
 
     def _final_model(self, callback: MosaicPruning) -> torch.nn.Module | None:
         """The model to export, compacted (under DeepSpeed consolidated on rank 0; None on the other ranks)."""

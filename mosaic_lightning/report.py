@@ -59,9 +59,7 @@ class PruningReport:
     def record_peak_memory(self, phase: str) -> None:
         """Peak resident memory of this process (and CUDA's peak allocation when on a GPU) since the last
         :func:`reset_peak_memory`, or since the start."""
-        self.peak_memory_mb[f"{phase}_rss"] = _peak_rss_mb()
-        if torch.cuda.is_available():
-            self.peak_memory_mb[f"{phase}_cuda"] = torch.cuda.max_memory_allocated() / 2**20
+        self.peak_memory_mb.update(peak_memory(phase))
 
 
     def to_dict(self) -> dict:
@@ -169,6 +167,14 @@ def _label(value) -> str:
     if isinstance(value, dict):
         return str(value.get("class_path", "?")).rpartition(".")[2]
     return str(value)
+
+
+def peak_memory(phase: str) -> dict[str, float]:
+    """``{phase}_rss`` (and ``{phase}_cuda`` on a GPU) in MB: the peaks since :func:`reset_peak_memory`."""
+    peaks = {f"{phase}_rss": _peak_rss_mb()}
+    if torch.cuda.is_available():
+        peaks[f"{phase}_cuda"] = torch.cuda.max_memory_allocated() / 2**20
+    return peaks
 
 
 def reset_peak_memory() -> None:

@@ -160,6 +160,8 @@ class ShardWriter:
         self.bytes_written += sum(t.numel() * t.element_size() for t in tensors.values())
 
     def write_index(self, names_by_shard: list[list[str]]) -> None:
+        """The index from the shards' headers (shapes and dtypes only), not from what this writer wrote: after a
+        resume, the earlier shards were written by another process."""
         from safetensors import safe_open
 
         weight_map, total = {}, 0

@@ -35,13 +35,13 @@ from torchmetrics.text import Perplexity
 from tqdm.auto import tqdm
 
 from .adapters import ModelAdapter
-from .calibration import capture_block_inputs, run_block
+from .calibration import blocks_replaced, capture_block_inputs, run_block
 from .config import PruningConfig
 from .engine import StartPoint, prune_model
 from .evaluation import score_hidden
 from .export import check_export_dir
 from .model_card import model_card
-from .report import ProjectionReport, PruningReport, reset_peak_memory
+from .report import ProjectionReport, PruningReport, peak_memory, reset_peak_memory
 from .residency import move_tensors
 from .shards import SafetensorsSource, ShardWriter, StreamedBlocks, StreamedModel, meta_skeleton
 
@@ -205,9 +205,7 @@ class _phase:
     def __exit__(self, *exc) -> None:
         if exc[0] is not None:
             return
-        report = PruningReport(config={})
-        report.record_peak_memory(self.name)
-        self.peaks.update(report.peak_memory_mb)
+        self.peaks.update(peak_memory(self.name))
         self.peaks[f"{self.name}_seconds"] = time.perf_counter() - self.clock
         self.io[self.name] = {"read": self.source.bytes_read - self.read0, "written": self._written() - self.written0}
 
@@ -257,14 +255,9 @@ def streamed_perplexity(
 def _through_tail(model: nn.Module, adapter: ModelAdapter, final: torch.Tensor, input_ids: torch.Tensor):
     """The base model's output (after its final norm) for the last block's output ``final``: a forward whose
     first block returns ``final`` and whose other blocks pass it on."""
-    originals = list(adapter.block_list)
-    for layer in range(len(originals)):
-        adapter.block_list[layer] = _Constant(final) if layer == 0 else _Identity()
-    try:
+    stand_ins = [_Constant(final) if layer == 0 else _Identity() for layer in range(adapter.num_layers)]
+    with blocks_replaced(adapter.block_list, stand_ins):
         return model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
-    finally:
-        for layer, block in enumerate(originals):
-            adapter.block_list[layer] = block
 
 
 class _Constant(nn.Module):

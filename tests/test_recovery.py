@@ -85,6 +85,14 @@ def test_linear_lr_decay_to_zero_without_warmup_and_elsa_betas(tiny_model_dir):
     assert all(betas == (0.9, 0.95) for _, betas in seen)
 
 
+def test_linear_lr_decay_with_zero_training_steps_fits(tiny_model_dir):
+    """``--trainer.max_steps 0`` (prune and export only) with the linear schedule: nothing to decay over."""
+    module = CausalLM(str(tiny_model_dir), lr_schedule="linear")
+    trainer = _trainer([], max_steps=0)
+    trainer.fit(module, _loader())
+    assert trainer.global_step == 0
+
+
 def _distill_run(model_dir, ckpt_path=None, save_at=None, path=None) -> CausalLM:
     torch.manual_seed(0)
     module = CausalLM(str(model_dir), learning_rate=1e-3, distill_weight=0.5, lr_schedule="linear")

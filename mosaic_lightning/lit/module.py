@@ -141,6 +141,7 @@ class CausalLM(L.LightningModule):
         if self.hparams.lr_schedule == "constant":
             return optimizer
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        total = max(total, 1)  # a run of zero steps (prune and export only) never steps it
         decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
 

@@ -3,7 +3,9 @@
     python bench/speed.py --calibration-samples 128 --seq-len 512 --repeats 3 --out bench/out/speed.json
     python bench/speed.py --kinds forward,sparsegpt,sparsellm,wanda,wanda@msp --out bench/out/speed-methods.json
 
-A kind is a method (``wanda``), optionally ``-dense`` (non-sequential) and ``@allocation`` (default uniform);
+A kind is a method (``wanda``), optionally ``-dense`` (non-sequential) or ``-ts`` (true-sequential: each
+projection calibrated with the ones before it pruned, about one pass per block), and ``@allocation`` (default
+uniform);
 ``stream:`` before it prunes streamed from the bundled model's safetensors file into a temporary export
 (``prune_streamed``: its time includes reading the blocks and writing the export shards).
 
@@ -42,7 +44,7 @@ def _calibration(samples: int, seq_len: int) -> list[torch.Tensor]:
 
 def measure(kind: str, samples: int, seq_len: int) -> dict:
     """One measurement in this process: seconds and peak RSS."""
-    from mosaic_lightning import PruningConfig, prune_model
+    from mosaic_lightning import prune_model
     from mosaic_lightning.assets import BUNDLED_MODEL, load_causal_lm
 
     batches = _calibration(samples, seq_len)
@@ -55,11 +57,8 @@ def measure(kind: str, samples: int, seq_len: int) -> dict:
         with torch.no_grad():
             for ids in batches:
                 model(input_ids=ids, use_cache=False)
-    else:  # "wanda-dense": non-sequential (dense activations, one pass per block); "wanda@msp": that allocation
-        spec, _, allocation = kind.partition("@")
-        method, _, variant = spec.partition("-")
-        config = PruningConfig(0.5, method, allocation or "uniform", sequential=variant != "dense")
-        prune_model(model, batches, config, progress=False)
+    else:
+        prune_model(model, batches, _config(kind), progress=False)
     seconds = time.perf_counter() - clock
     return {
         "kind": kind,
@@ -69,17 +68,26 @@ def measure(kind: str, samples: int, seq_len: int) -> dict:
     }
 
 
+def _config(kind: str):
+    """``wanda-dense``: non-sequential; ``wanda-ts``: true-sequential; ``wanda@msp``: that allocation."""
+    from mosaic_lightning import PruningConfig
+
+    spec, _, allocation = kind.removeprefix("stream:").partition("@")
+    method, _, variant = spec.partition("-")
+    if variant not in ("", "dense", "ts"):
+        raise SystemExit(f"kind {kind!r}: variant {variant!r}; allowed: dense, ts")
+    return PruningConfig(0.5, method, allocation or "uniform", sequential=variant != "dense",
+                         true_sequential=variant == "ts")  # fmt: skip
+
+
 def _measure_streamed(kind: str, batches: list[torch.Tensor]) -> dict:
     import tempfile
 
-    from mosaic_lightning import PruningConfig
     from mosaic_lightning.assets import ensure_bundled_fp32
     from mosaic_lightning.stream_job import prune_streamed
 
     source = ensure_bundled_fp32()
-    spec, _, allocation = kind.removeprefix("stream:").partition("@")
-    method, _, variant = spec.partition("-")
-    config = PruningConfig(0.5, method, allocation or "uniform", sequential=variant != "dense")
+    config = _config(kind)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with tempfile.TemporaryDirectory() as folder:
         clock = time.perf_counter()
@@ -121,11 +129,11 @@ def main() -> None:
     tokens = args.calibration_samples * args.seq_len
     print(f"\ncalibration {args.calibration_samples} x {args.seq_len} = {tokens} tokens, {args.repeats} repeat(s), "
           f"{torch.get_num_threads()} threads")  # fmt: skip
-    print(f"{'kind':<10} {'median s':>9} {'x forward':>10} {'peak RSS MB':>12} {'RSS after load':>15}")
+    print(f"{'kind':<16} {'median s':>9} {'x forward':>10} {'peak RSS MB':>12} {'RSS after load':>15}")
     for kind, s in summary.items():
         ratio = s["median_s"] / summary["forward"]["median_s"] if "forward" in summary else float("nan")
         s["ratio_to_forward"] = ratio
-        print(f"{kind:<10} {s['median_s']:>9.1f} {ratio:>10.2f} {s['median_peak_rss_mb']:>12.0f} "
+        print(f"{kind:<16} {s['median_s']:>9.1f} {ratio:>10.2f} {s['median_peak_rss_mb']:>12.0f} "
               f"{s['median_rss_after_load_mb']:>15.0f}")  # fmt: skip
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

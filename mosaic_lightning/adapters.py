@@ -161,9 +161,7 @@ class ModelAdapter:
         self.spec = spec or detect_architecture(model)
         blocks = _get(model, self.spec.blocks)
         if not isinstance(blocks, nn.ModuleList):
-            raise ValueError(
-                f"spec.blocks={self.spec.blocks!r} is not a ModuleList in {type(model).__name__}"
-            )
+            raise ValueError(f"spec.blocks={self.spec.blocks!r} is not a ModuleList in {type(model).__name__}")
         self.block_list = blocks  # the model's own ModuleList (calibration swaps entries for a moment)
         self.blocks: list[nn.Module] = list(blocks)
         self._all = [self._block_projections(i) for i in range(len(self.blocks))]
@@ -254,8 +252,13 @@ def detect_architecture(model: nn.Module) -> ArchitectureSpec:
     """The first known spec whose blocks and projections all exist; else a clear error listing Linears."""
     for spec in KNOWN_ARCHITECTURES.values():
         blocks = _get(model, spec.blocks)
-        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0 and all(
-            _is_projection_module(_base_layer(_get(blocks[0], p)) or nn.Identity()) for p in spec.projections.values()
+        if (
+            isinstance(blocks, nn.ModuleList)
+            and len(blocks) > 0
+            and all(
+                _is_projection_module(_base_layer(_get(blocks[0], p)) or nn.Identity())
+                for p in spec.projections.values()
+            )
         ):
             return spec
     linears = [n for n, m in model.named_modules() if _is_projection_module(m)]

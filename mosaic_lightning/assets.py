@@ -29,9 +29,7 @@ _TRAIN_ARTICLES = 80
 
 def cache_dir() -> pathlib.Path:
     """Where derived copies of bundled assets live (``MOSAIC_CACHE`` overrides)."""
-    root = os.environ.get("MOSAIC_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "mosaic_lightning"
-    )
+    root = os.environ.get("MOSAIC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mosaic_lightning")
     return pathlib.Path(root)
 
 

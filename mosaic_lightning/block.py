@@ -26,6 +26,7 @@ from .adapters import ModelAdapter, Projection
 from .calibration import BlockInputs, capture_block_inputs, collect_statistics, run_block, swapped_weights
 from .residency import BlockResidency
 from .stats import InputStatistics
+from .true_sequential import TrueSequentialRun
 from .zero import gathered
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ class InputStream:
         self.layer = -1  # block whose inputs ``self._inputs`` are
         self._inputs: BlockInputs | None = None
         self._dense_outputs: dict[int, list[torch.Tensor]] = {}
+        self._pruned_outputs: dict[int, Callable[[], list[torch.Tensor]]] = {}
         self._start = (start_layer, start_hidden)
         self.tokens = 0
 
@@ -109,11 +111,19 @@ class InputStream:
     def offer_dense_outputs(self, layer: int, outputs: list[torch.Tensor]) -> None:
         self._dense_outputs[layer] = outputs
 
+    def offer_pruned_outputs(self, layer: int, produce: Callable[[], list[torch.Tensor]]) -> None:
+        """Sequential: ``produce()`` gives block ``layer``'s outputs as pruned (a true-sequential run's last pass),
+        called only if the next block's inputs are needed."""
+        self._pruned_outputs[layer] = produce
+
     def _output_of(self, layer: int) -> list[torch.Tensor]:
         block = self.adapter.blocks[layer]
         if not self.sequential:
             dense = self._dense_outputs.pop(layer, None)
             return dense if dense is not None else run_block(block, self._inputs)
+        produce = self._pruned_outputs.pop(layer, None)
+        if produce is not None:
+            return produce()
         weights = self.pending_weights(layer)
         if weights is None:
             return run_block(block, self._inputs)
@@ -128,6 +138,9 @@ class BlockContext:
         layer: block index. projections: its targeted projections, in execution order.
         pattern: the sparsity pattern (None while profiling). num_prune: single weights to prune per projection
             key, after any whole units (structural) are removed.
+        true_sequential: every projection's statistics come from its inputs with the projections before it
+            already pruned (:mod:`~mosaic_lightning.true_sequential`); the results of
+            :meth:`prune_projection` are run pruned from then on.
     """
 
     def __init__(
@@ -137,14 +150,18 @@ class BlockContext:
         stream: InputStream | None,
         pattern: Pattern | None = None,
         num_prune: dict[str, int] | None = None,
+        true_sequential: bool = False,
     ) -> None:
         self.adapter, self.layer, self.stream = adapter, layer, stream
+        self.true_sequential = true_sequential
         self.projections: list[Projection] = adapter.projections(layer)
         self.pattern = pattern
         self.num_prune = num_prune or {}
         self.structural: dict[str, torch.Tensor] = {}  # projection key -> [out, in] keep of the removed units
         self.seconds: dict[str, float] = {}  # projection key -> time spent pruning it (default path)
         self._stats: dict[bool, dict[int, InputStatistics]] = {}
+        self._results: dict[str, PruneResult] = {}  # true-sequential: what prune_projection chose so far
+        self._staged: TrueSequentialRun | None = None
 
     @property
     def block(self) -> nn.Module:
@@ -164,6 +181,8 @@ class BlockContext:
     # -- statistics ---------------------------------------------------------------------------------------
     def statistics(self, hessian: bool = False) -> dict[int, InputStatistics]:
         """Input statistics of every projection module (by ``id(module)``), summed over ranks; one pass."""
+        if self.true_sequential:
+            raise RuntimeError("true_sequential: statistics are per projection (input_statistics), not all at once")
         if True in self._stats:
             return self._stats[True]
         if hessian not in self._stats:
@@ -177,9 +196,36 @@ class BlockContext:
             self._stats[hessian] = stats
         return self._stats[hessian]
 
+    def input_statistics(self, proj: Projection, hessian: bool) -> InputStatistics:
+        """The statistics of ``proj``'s module, from the block as it entered or, true-sequential, from its
+        inputs with the projections before it pruned."""
+        if self.true_sequential:
+            return self._staged_run().statistics(proj.module, hessian)
+        return self.statistics(hessian)[id(proj.module)]
+
     def stats(self, proj: Projection) -> ProjectionStatistics:
         """The projection's input statistics, computed only when a method reads them."""
         return ProjectionStatistics(self, proj)
+
+    def pruned_outputs(self) -> Callable[[], list[torch.Tensor]] | None:
+        """True-sequential, once the block is pruned: computes the block's outputs in the staged run's last pass
+        (the next block's inputs). None when no statistics were read (nothing to share)."""
+        return None if self._staged is None else self._staged.outputs
+
+    def _staged_run(self) -> TrueSequentialRun:
+        if self._staged is None:
+            modules = [(self.adapter.module_name(p), p.module) for p in self._unique_modules()]
+            self._staged = TrueSequentialRun(self.block, modules, self.inputs)
+            for proj in self._unique_modules():
+                self._offer_pruned(proj)
+        return self._staged
+
+    def _offer_pruned(self, proj: Projection) -> None:
+        """Once all projections of ``proj``'s module have results, the staged run runs the module pruned."""
+        parts = [p for p in self.projections if p.module is proj.module]
+        if self._staged is not None and all(p.key in self._results for p in parts):
+            values = parameter_values(parts, lambda part, view: write_result(view, self._results[part.key]))
+            self._staged.set_pruned(proj.module, values)
 
     def _unique_modules(self) -> list[Projection]:
         return list({id(p.module): p for p in self.projections}.values())
@@ -233,6 +279,9 @@ class BlockContext:
                     new[rows[:, None], cols[None, :]] = sub.weight
                 result = PruneResult(keep=keep, weight=new)
         self.seconds[proj.key] = time.perf_counter() - clock
+        if self.true_sequential:
+            self._results[proj.key] = result
+            self._offer_pruned(proj)
         return result
 
 
@@ -247,7 +296,7 @@ class ProjectionStatistics:
         self._block, self._proj, self._columns = block, proj, columns
 
     def _entry(self, hessian: bool) -> InputStatistics:
-        entry = self._block.statistics(hessian)[id(self._proj.module)]
+        entry = self._block.input_statistics(self._proj, hessian)
         return entry if self._columns is None else entry.select(self._columns)
 
     @property
@@ -284,6 +333,15 @@ def parameter_values(
                 values[proj.weight] = proj.weight.data.clone()
         edit(proj, proj.view_of(values[proj.weight]))
     return values
+
+
+def write_result(view: torch.Tensor, result: PruneResult) -> None:
+    """A projection's ``[out, in]`` values as pruned: the method's new weights, or the weights as they are,
+    pruned entries zero either way."""
+    if result.weight is not None:
+        view.copy_(result.weight.masked_fill(~result.keep, 0))
+    else:
+        view.masked_fill_(~result.keep, 0)
 
 
 def _io_recorder(store: tuple[list, list]) -> Callable:

@@ -19,7 +19,7 @@ from .stats import InputStatistics, NonFiniteActivationError
 from .zero import full_shape, gathered_params, is_partitioned
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised from a hook to end a forward pass early once everything needed has been seen."""
 
 
@@ -60,7 +60,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: Itera
     device = model.get_input_embeddings().weight.device
     with blocks_replaced(blocks, recorders):
         for input_ids in batches:
-            with suppress(_StopForward):
+            with suppress(StopForward):
                 model(input_ids=input_ids.to(device), use_cache=False)
     if not captured.hidden:
         raise ValueError("calibration set is empty: calibration_batches/dataloader yielded no batch")
@@ -103,21 +103,18 @@ class _ArgumentRecorder(nn.Module):
         self.captured.by_layer[self.layer][0].append(rest)
         self.captured.by_layer[self.layer][1].append(kwargs)
         if self.last:
-            raise _StopForward
+            raise StopForward
         return hidden
 
 
-def _first_output(out):
+def first_output(out):
     return out[0] if isinstance(out, tuple | list) else out
 
 
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
     """The block's output hidden states for every batch."""
-    return [
-        _first_output(block(h, *a, **k))
-        for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True)
-    ]
+    return [first_output(block(h, *a, **k)) for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True)]
 
 
 @torch.no_grad()
@@ -137,7 +134,7 @@ def collect_statistics(
     handles = []
     last: dict = {}  # the latest input and its contribution, shared by modules fed the same tensor
     for name, module in modules:
-        entry = InputStatistics(name, _in_features(module), hessian, device=module.weight.device)
+        entry = InputStatistics(name, in_features(module), hessian, device=module.weight.device)
         stats[id(module)] = entry
         handles.append(module.register_forward_pre_hook(_recorder(entry, last)))
     # Under DeepSpeed ZeRO-3 an exception inside the block would leave the last module's gathered parameters
@@ -147,8 +144,8 @@ def collect_statistics(
     outputs = []
     try:
         for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True):
-            with suppress(_StopForward):
-                outputs.append(_first_output(block(h, *a, **k)))
+            with suppress(StopForward):
+                outputs.append(first_output(block(h, *a, **k)))
     finally:
         for handle in handles:
             handle.remove()
@@ -156,7 +153,7 @@ def collect_statistics(
     return stats, (outputs if keep_outputs else None)
 
 
-def _in_features(module: nn.Module) -> int:
+def in_features(module: nn.Module) -> int:
     # GPT-2's Conv1D stores its weight as [in, out].
     shape = full_shape(module.weight)  # the real shape also under ZeRO-3
     return shape[0] if type(module).__name__ == "Conv1D" else shape[1]
@@ -177,7 +174,7 @@ def _recorder(entry: InputStatistics, last: dict) -> Callable:
 
 
 def _stop(_module, _args):
-    raise _StopForward
+    raise StopForward
 
 
 @contextmanager

@@ -47,14 +47,20 @@ class MosaicCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(MosaicPruning, "pruning")
-        parser.add_argument(
-            "--export_dir", type=str | None, default=None, help="where to save the pruned HF model"
-        )
+        parser.add_argument("--export_dir", type=str | None, default=None, help="where to save the pruned HF model")
         parser.add_argument("--evaluate", type=bool, default=True, help="perplexity before and after pruning")
-        parser.add_argument("--evaluate_tasks", type=list[str] | str | None, default=None,
-                            help="lm-eval tasks scored before and after pruning, e.g. '[social_iqa_local]'")
-        parser.add_argument("--evaluate_include_path", type=str | None, default=None,
-                            help="a folder of your own lm-eval task YAMLs (the package's tasks are always included)")
+        parser.add_argument(
+            "--evaluate_tasks",
+            type=list[str] | str | None,
+            default=None,
+            help="lm-eval tasks scored before and after pruning, e.g. '[social_iqa_local]'",
+        )
+        parser.add_argument(
+            "--evaluate_include_path",
+            type=str | None,
+            default=None,
+            help="a folder of your own lm-eval task YAMLs (the package's tasks are always included)",
+        )
         parser.add_argument("--evaluate_limit", type=int | None, default=None,
                             help="score only the first N items of each lm-eval task")  # fmt: skip
         parser.add_argument("--compress_export", type=bool, default=False,

@@ -253,7 +253,7 @@ def _prune_block(adapter, layer: int, stream: InputStream, pattern, config: Prun
                  pruned: _Pruned) -> None:  # fmt: skip
     """Prune block ``layer`` into ``pruned.pending`` (nothing is written into the model)."""
     counts = {p.key: plan.unstructured[p.key] for p in adapter.projections(layer)}
-    block = BlockContext(adapter, layer, stream, pattern, counts)
+    block = BlockContext(adapter, layer, stream, pattern, counts, config.true_sequential)
     if not block.projections:
         return
     clock = time.perf_counter()
@@ -265,6 +265,9 @@ def _prune_block(adapter, layer: int, stream: InputStream, pattern, config: Prun
         pruned.pending.keeps[proj.key] = result.keep
         if result.weight is not None:  # the method also changed kept weights (SparseGPT)
             pruned.pending.weights[proj.key] = result.weight.masked_fill(~result.keep, 0)
+    produce = block.pruned_outputs()
+    if produce is not None:
+        stream.offer_pruned_outputs(layer, produce)
     spread = (time.perf_counter() - clock) / len(block.projections)  # block-level methods: an equal share
     pruned.seconds.update({p.key: block.seconds.get(p.key, spread) for p in block.projections})
 

@@ -97,9 +97,7 @@ class MaskStore:
         return sum(m.numel() for m in self.masks.values())
 
     def state_dict(self) -> dict:
-        return {
-            name: {"shape": list(keep.shape), "bits": pack_bits(keep)} for name, keep in self.masks.items()
-        }
+        return {name: {"shape": list(keep.shape), "bits": pack_bits(keep)} for name, keep in self.masks.items()}
 
     def load_state_dict(self, state: dict) -> None:
         self.masks = {name: unpack_bits(entry["bits"], entry["shape"]) for name, entry in state.items()}

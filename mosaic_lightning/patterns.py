@@ -121,6 +121,4 @@ def parse_pattern(spec: str) -> Pattern:
     match = re.fullmatch(r"(\d+):(\d+)", spec)
     if match:
         return NM(int(match.group(1)), int(match.group(2)))
-    raise ValueError(
-        f"pattern={spec!r}; allowed values: 'unstructured', 'unstructured-layer', 'N:M' (e.g. '2:4')"
-    )
+    raise ValueError(f"pattern={spec!r}; allowed values: 'unstructured', 'unstructured-layer', 'N:M' (e.g. '2:4')")

@@ -61,7 +61,6 @@ class PruningReport:
         :func:`reset_peak_memory`, or since the start."""
         self.peak_memory_mb.update(peak_memory(phase))
 
-
     def to_dict(self) -> dict:
         return {
             "requested_sparsity": self.config.get("sparsity"),
@@ -96,8 +95,7 @@ class PruningReport:
         for layer in layers:
             cells = [by_key.get((layer, n)) for n in names]
             lines.append(
-                f"{layer:>5} "
-                + " ".join(f"{100 * c.achieved_sparsity:6.2f}" if c else f"{'-':>6}" for c in cells)
+                f"{layer:>5} " + " ".join(f"{100 * c.achieved_sparsity:6.2f}" if c else f"{'-':>6}" for c in cells)
             )
         lines.append(self.summary())
         return "\n".join(lines)

@@ -27,15 +27,11 @@ class Contribution:
 class InputStatistics:
     """Running sums over every token that entered one module: ``sum x_j^2`` and optionally ``sum x x^T``."""
 
-    def __init__(
-        self, name: str, in_features: int, hessian: bool, device: torch.device | str = "cpu"
-    ) -> None:
+    def __init__(self, name: str, in_features: int, hessian: bool, device: torch.device | str = "cpu") -> None:
         self.name = name
         self.tokens = 0
         self.sq_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
-        self.xxt = (
-            torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
-        )
+        self.xxt = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
 
     def update(self, x: torch.Tensor) -> None:
         self.add(self.contribution(x))

@@ -143,9 +143,11 @@ def _wanda_scores_by_hand(model) -> dict[tuple[int, str], torch.Tensor]:
     handles = []
     for layer, block in enumerate(model.model.layers):
         for t, path in MODULES.items():
+
             def hook(_m, args, key=(layer, t)):
                 x = args[0].reshape(-1, args[0].shape[-1]).double()
                 sq[key] = sq.get(key, 0) + (x * x).sum(0)
+
             handles.append(block.get_submodule(path).register_forward_pre_hook(hook))
     with torch.no_grad():
         for ids in _batches():

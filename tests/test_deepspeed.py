@@ -103,9 +103,7 @@ def test_deepspeed_prune_train_checkpoint_resume_convert(tmp_path, stage, method
         torch.testing.assert_close(converted[name], ranks[0]["trained"]["master"][name], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(
-    ("stage", "method", "allocation"), [(2, "sparsegpt", "mosaic"), (3, "wanda", "uniform")]
-)
+@pytest.mark.parametrize(("stage", "method", "allocation"), [(2, "sparsegpt", "mosaic"), (3, "wanda", "uniform")])
 def test_deepspeed_cpu_offload(tmp_path, stage, method, allocation):
     """ZeRO-2 with the optimizer offloaded, ZeRO-3 with optimizer and parameters offloaded (to CPU)."""
     ranks = _run(tmp_path, stage, method, allocation, "offload")
@@ -130,8 +128,13 @@ def test_deepspeed_two_nodes_on_loopback(tmp_path):
     port = str(_free_port())
     command = [sys.executable, str(SCRIPT), str(tmp_path), "3", "wanda", "mosaic", "multinode"]
     procs = [
-        subprocess.Popen(command, env=_env(MASTER_PORT=port, NODE_RANK=str(node), LOCAL_RANK="0"),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        subprocess.Popen(
+            command,
+            env=_env(MASTER_PORT=port, NODE_RANK=str(node), LOCAL_RANK="0"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
         for node in range(2)
     ]
     errors = [proc.communicate(timeout=400)[1] for proc in procs]

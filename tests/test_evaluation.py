@@ -29,8 +29,16 @@ def _gemma2():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(0)
-    config = Gemma2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=2.0)
+    config = Gemma2Config(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        final_logit_softcapping=2.0,
+    )
     return Gemma2ForCausalLM(config).eval()  # fmt: skip
 
 
@@ -65,8 +73,9 @@ def _distributed_perplexity(rank: int, port: int, batches, out) -> None:
     import torch.distributed as dist
     from conftest import make_llama
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))  # a stray collective fails instead of hanging
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60)
+    )  # a stray collective fails instead of hanging
     try:
         model, calls = make_llama(), []
         model.model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(1), with_kwargs=True)

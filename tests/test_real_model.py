@@ -189,9 +189,7 @@ def test_cli_rejects_misspelt_recipe_key(tmp_path):
 
 
 def test_cli_rejects_bad_sparsity_before_loading(tmp_path):
-    result = _run_cli(
-        "--config", str(ROOT / "recipes/wanda-50.yaml"), "--pruning.sparsity", "1.0", cwd=tmp_path
-    )
+    result = _run_cli("--config", str(ROOT / "recipes/wanda-50.yaml"), "--pruning.sparsity", "1.0", cwd=tmp_path)
     assert result.returncode != 0
     assert "sparsity" in result.stderr and "0 <= sparsity < 1" in result.stderr
 

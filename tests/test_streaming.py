@@ -49,22 +49,24 @@ def _in_memory(source: Path, config: PruningConfig, batches, eval_batches):
     return model, perplexity(model, eval_batches, progress=False)
 
 
-@pytest.mark.parametrize(("family", "method", "allocation", "sequential"), [
-    ("llama", "sparsegpt", "owl", True),
-    ("llama", "wanda", "uniform", False),
-    ("llama", "magnitude", "uniform", True),  # data-free: no activations at all
-    ("gemma3", "wanda", "uniform", True),
-    ("opt", "sparsellm", "uniform", True),  # a block-level method
-    ("gpt2", "sparsegpt", "uniform", True),  # fused c_attn, tied output embedding
+@pytest.mark.parametrize(("family", "method", "allocation", "order"), [
+    ("llama", "sparsegpt", "owl", {}),
+    ("llama", "wanda", "uniform", {"sequential": False}),
+    ("llama", "sparsegpt", "uniform", {"true_sequential": True}),
+    ("llama", "magnitude", "uniform", {}),  # data-free: no activations at all
+    ("gemma3", "wanda", "uniform", {}),
+    ("gemma3", "wanda", "uniform", {"true_sequential": True}),
+    ("opt", "sparsellm", "uniform", {}),  # a block-level method
+    ("gpt2", "sparsegpt", "uniform", {}),  # fused c_attn, tied output embedding
 ])  # fmt: skip
-def test_streamed_equals_in_memory(tmp_path, family, method, allocation, sequential):
+def test_streamed_equals_in_memory(tmp_path, family, method, allocation, order):
     source = _save_sharded(_family(family), tmp_path / "source")
     assert (source / "model.safetensors.index.json").is_file()
     batches, eval_batches = random_batches(num=3), random_batches(num=2, seed=5)
-    config = PruningConfig(sparsity=0.6, method=method, allocation=allocation, sequential=sequential)
+    config = PruningConfig(sparsity=0.6, method=method, allocation=allocation, **order)
     report = prune_streamed(source, torch.float32, config, batches, tmp_path / "out", eval_batches, progress=False)
 
-    again = PruningConfig(sparsity=0.6, method=method, allocation=allocation, sequential=sequential)
+    again = PruningConfig(sparsity=0.6, method=method, allocation=allocation, **order)
     expected, expected_ppl = _in_memory(source, again, batches, eval_batches)
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     got, want = exported.state_dict(), expected.state_dict()

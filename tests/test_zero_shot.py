@@ -36,8 +36,8 @@ def write_task(folder: Path, name: str = "tiny_mc") -> Path:
     data.write_text("".join(json.dumps(item) + "\n" for item in ITEMS))
     (folder / f"{name}.yaml").write_text(
         f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
-        "output_type: multiple_choice\ntest_split: test\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
-        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+        'output_type: multiple_choice\ntest_split: test\ndoc_to_text: "Question: {{question}}\\nAnswer:"\n'
+        'doc_to_choice: "{{choices}}"\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n'
     )
     return folder
 
@@ -135,8 +135,11 @@ def test_one_task_name_works_where_a_list_is_expected():
 
 
 def test_unknown_task_names_the_flag_and_suggests_the_local_one():
-    with pytest.raises(ValueError, match=r"--evaluate_tasks: unknown lm-eval task\(s\) \['social_iqa_locl'\].*"
-                                         r"similar: \[[^]]*'social_iqa_local'"):
+    with pytest.raises(
+        ValueError,
+        match=r"--evaluate_tasks: unknown lm-eval task\(s\) \['social_iqa_locl'\].*"
+        r"similar: \[[^]]*'social_iqa_local'",
+    ):
         task_manager(["social_iqa_locl"])
 
 
@@ -155,8 +158,18 @@ def _cli(tmp_path: Path, model_dir: Path, *extra: str) -> subprocess.CompletedPr
 def test_cli_reports_dense_and_pruned_accuracy(tmp_path, tiny_model_dir):
     export = tmp_path / "export"
     include = write_task(tmp_path / "my_tasks")
-    result = _cli(tmp_path, tiny_model_dir, "--evaluate_tasks", "[tiny_mc, social_iqa_local]",
-                  "--evaluate_include_path", str(include), "--evaluate_limit", "6", "--export_dir", str(export))
+    result = _cli(
+        tmp_path,
+        tiny_model_dir,
+        "--evaluate_tasks",
+        "[tiny_mc, social_iqa_local]",
+        "--evaluate_include_path",
+        str(include),
+        "--evaluate_limit",
+        "6",
+        "--export_dir",
+        str(export),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((export / "pruning_report.json").read_text())
     assert set(report["tasks"]) == {"tiny_mc", "social_iqa_local"}

@@ -55,6 +55,9 @@ class MosaicPruning(L.Callback):
         uniform_structure: same kept sizes in every layer, so plain ``from_pretrained`` loads the compacted model.
         sequential: calibrate block l on blocks < l as pruned (default, as the reference methods); False uses
             dense activations, one pass per block (faster).
+        true_sequential: within each block too, each projection is calibrated with the ones before it pruned
+            (SparseGPT's ``--true-sequential``), in about one pass per block instead of two; see
+            :mod:`mosaic_lightning.true_sequential`.
         schedule: when to prune: ``OneShot()`` at fit start (default), ``OneShot(at_step=N)``, ``Gradual(...)``
             (cubic ramp re-scored on recent training batches); see :mod:`mosaic_lightning.schedules`.
         num_calibration_samples: sequences to calibrate on (from the datamodule's ``calibration_batches`` or its
@@ -81,6 +84,7 @@ class MosaicPruning(L.Callback):
         structure_lambda: float = 0.08,
         uniform_structure: bool = False,
         sequential: bool = True,
+        true_sequential: bool = False,
         schedule: Schedule | None = None,
         num_calibration_samples: int | None = None,
         calibration_dataloader: Iterable | None = None,
@@ -102,6 +106,7 @@ class MosaicPruning(L.Callback):
             structure_lambda=structure_lambda,
             uniform_structure=uniform_structure,
             sequential=sequential,
+            true_sequential=true_sequential,
         )
         self.schedule = schedule or OneShot()
         self.schedule.validate(self.config.sparsity)

@@ -155,9 +155,7 @@ class TextDataModule(L.LightningDataModule):
         """``num_samples`` training windows drawn with the module's seed, as ``input_ids`` batches."""
         self.setup()
         n = min(num_samples or self.hparams.num_calibration_samples, len(self.train_set))
-        order = torch.randperm(
-            len(self.train_set), generator=torch.Generator().manual_seed(self.hparams.seed)
-        )
+        order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(self.hparams.seed))
         windows = self.train_set.windows[order[:n]]
         return list(windows.split(self.hparams.batch_size))
 

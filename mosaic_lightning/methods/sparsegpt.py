@@ -73,9 +73,7 @@ def sparsegpt_prune(
             if isinstance(pattern, NM) and i % pattern.m == 0:
                 group = slice(i, i + pattern.m)
                 scores = w1[:, group] ** 2 / d[None, group] ** 2
-                keep[:, i1 + i : i1 + i + pattern.m] = pattern.keep_mask(
-                    scores, rows * (pattern.m - pattern.n)
-                )
+                keep[:, i1 + i : i1 + i + pattern.m] = pattern.keep_mask(scores, rows * (pattern.m - pattern.n))
             col = w1[:, i]
             q = torch.where(keep[:, i1 + i], col, torch.zeros_like(col))
             q1[:, i] = q

@@ -98,8 +98,11 @@ def main(out: Path, stage: int, method: str, allocation: str, flags: set[str]) -
     result = {
         "world_size": trainer.world_size,
         "masks": {n: k.clone() for n, k in callback.masks.masks.items()},
-        "partition": {"data_numel": q.data.numel(), "local_numel": q.ds_tensor.numel() if stage == 3 else q.numel(),
-                      "full_numel": q.ds_numel if stage == 3 else q.numel()},  # fmt: skip
+        "partition": {
+            "data_numel": q.data.numel(),
+            "local_numel": q.ds_tensor.numel() if stage == 3 else q.numel(),
+            "full_numel": q.ds_numel if stage == 3 else q.numel(),
+        },  # fmt: skip
         "pruned": probe.at_start,
         "trained": _snapshot(trainer, module, callback.masks.masks),
         "offload": bool(getattr(optimizer, "cpu_offload", False) or getattr(optimizer, "offload_optimizer", False)),

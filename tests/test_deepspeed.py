@@ -45,7 +45,7 @@ def _pruned_nonzero(weights: dict[str, torch.Tensor], masks: dict[str, torch.Ten
     return sum(int((weights[n][~keep] != 0).sum()) for n, keep in masks.items())
 
 
-def _check_ranks(ranks: list[dict], stage: int, method: str, allocation: str) -> None:
+def _check_ranks(ranks: list[dict], stage: int, method: str, allocation: str, true_sequential: bool = False) -> None:
     """Everything a 2-rank ZeRO run must hold, whatever the options."""
     masks = ranks[0]["masks"]
     assert all(r["world_size"] == 2 and r["engine_type"] == "DeepSpeedEngine" for r in ranks)
@@ -76,7 +76,8 @@ def _check_ranks(ranks: list[dict], stage: int, method: str, allocation: str) ->
     from ddp_prune import calibration
 
     torch.manual_seed(0)
-    single = prune_model(make_llama(), calibration(), PruningConfig(0.5, method, allocation), progress=False)
+    config = PruningConfig(0.5, method, allocation, true_sequential=true_sequential)
+    single = prune_model(make_llama(), calibration(), config, progress=False)
     agree = sum(int((single.masks.masks[n] == k).sum()) for n, k in masks.items())
     total = sum(k.numel() for k in masks.values())
     floor = 0.99 if method == "sparsellm" else 0.999  # summation order moves ~1% of SparseLLM's masks: test_distributed
@@ -101,6 +102,12 @@ def test_deepspeed_prune_train_checkpoint_resume_convert(tmp_path, stage, method
     assert _pruned_nonzero(converted, masks) == 0
     for name in masks:
         torch.testing.assert_close(converted[name], ranks[0]["trained"]["master"][name], rtol=0, atol=0)
+
+
+def test_deepspeed_zero3_true_sequential(tmp_path):
+    """Under ZeRO-3 the staged passes cannot stop early (DeepSpeed's gathers); they run on, with the same masks."""
+    ranks = _run(tmp_path, 3, "sparsegpt", "uniform", "true_sequential")
+    _check_ranks(ranks, 3, "sparsegpt", "uniform", true_sequential=True)
 
 
 @pytest.mark.parametrize(("stage", "method", "allocation"), [(2, "sparsegpt", "mosaic"), (3, "wanda", "uniform")])

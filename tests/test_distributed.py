@@ -26,17 +26,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run_two_ranks(tmp_path: Path, method: str, allocation: str = "mosaic") -> list[dict]:
+def _run_two_ranks(tmp_path: Path, method: str, allocation: str = "mosaic", *options: str) -> list[dict]:
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), method, allocation], env=env,
+    result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), method, allocation, *options], env=env,
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "sparsellm"])
-def test_ddp_masks_identical_on_ranks_and_equal_to_one_process(tmp_path, method):
-    ranks = _run_two_ranks(tmp_path, method)
+@pytest.mark.parametrize(("method", "true_sequential"),
+                         [("wanda", False), ("sparsegpt", False), ("sparsellm", False), ("wanda", True)])  # fmt: skip
+def test_ddp_masks_identical_on_ranks_and_equal_to_one_process(tmp_path, method, true_sequential):
+    """With ``true_sequential`` too: every stage's statistics are summed over the ranks."""
+    ranks = _run_two_ranks(tmp_path, method, "mosaic", "0", "1" if true_sequential else "0")
     assert all(r["world_size"] == 2 for r in ranks)
     for name, keep in ranks[0]["masks"].items():
         assert torch.equal(ranks[1]["masks"][name], keep), f"{name} differs between ranks"
@@ -49,7 +51,8 @@ def test_ddp_masks_identical_on_ranks_and_equal_to_one_process(tmp_path, method)
     from ddp_prune import calibration
 
     torch.manual_seed(0)
-    single = prune_model(make_llama(), calibration(), PruningConfig(0.5, method, "mosaic"), progress=False)
+    config = PruningConfig(0.5, method, "mosaic", true_sequential=true_sequential)
+    single = prune_model(make_llama(), calibration(), config, progress=False)
     agree = sum(int((single.masks.masks[n] == k).sum()) for n, k in ranks[0]["masks"].items())
     total = sum(k.numel() for k in ranks[0]["masks"].values())
     # SparseLLM re-chooses every MLP mask four times from Gram sums: the summation order alone moves ~1% of its mask

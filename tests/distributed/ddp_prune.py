@@ -23,11 +23,13 @@ def calibration() -> list[torch.Tensor]:
     return [torch.randint(0, 128, (2, 16), generator=g) for _ in range(4)]
 
 
-def main(out: Path, method: str, allocation: str = "mosaic", structured_fraction: str = "0") -> None:
+def main(out: Path, method: str, allocation: str = "mosaic", structured_fraction: str = "0",
+         true_sequential: str = "0") -> None:  # fmt: skip
     torch.manual_seed(0)
     module = TinyLM()
     callback = MosaicPruning(sparsity=0.5, method=method, allocation=allocation, calibration_dataloader=calibration(),
-                             structured_fraction=float(structured_fraction), verbose=False)  # fmt: skip
+                             structured_fraction=float(structured_fraction), true_sequential=true_sequential == "1",
+                             verbose=False)  # fmt: skip
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=3, callbacks=[callback],
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)  # fmt: skip

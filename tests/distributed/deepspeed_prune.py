@@ -82,14 +82,15 @@ def _no_master_sync(param) -> None:
 
 def main(out: Path, stage: int, method: str, allocation: str, flags: set[str]) -> None:
     offload, nodes = "offload" in flags, 2 if "multinode" in flags else 1
+    options = {"sparsity": 0.5, "method": method, "allocation": allocation, "verbose": False,
+               "true_sequential": "true_sequential" in flags}  # fmt: skip
     if "nofix" in flags:
         mosaic_masks.mask_parameter_ = _visible_only
         mosaic_masks.sync_master_ = _no_master_sync
     data = torch.randint(0, 128, (16, 16), generator=torch.Generator().manual_seed(5))
     torch.manual_seed(0)
     module = TinyLM()
-    callback = MosaicPruning(sparsity=0.5, method=method, allocation=allocation, calibration_dataloader=calibration(),
-                             verbose=False)  # fmt: skip
+    callback = MosaicPruning(**options, calibration_dataloader=calibration())
     probe = Probe(callback)
     trainer = _trainer(stage, offload, 3, callback, nodes, probe)
     trainer.fit(module, DataLoader(data, batch_size=2))
@@ -112,8 +113,7 @@ def main(out: Path, stage: int, method: str, allocation: str, flags: set[str]) -
         ckpt = out / "zero.ckpt"
         trainer.save_checkpoint(ckpt)
         torch.manual_seed(1)  # a different dense init: everything must come from the checkpoint
-        module2, callback2 = TinyLM(), MosaicPruning(sparsity=0.5, method=method, allocation=allocation,
-                                                     calibration_dataloader=calibration(), verbose=False)  # fmt: skip
+        module2, callback2 = TinyLM(), MosaicPruning(**options, calibration_dataloader=calibration())
         trainer2 = _trainer(stage, offload, 5, callback2, nodes)
         trainer2.fit(module2, DataLoader(data, batch_size=2), ckpt_path=ckpt)
         result["resumed_masks"] = {n: k.clone() for n, k in callback2.masks.masks.items()}

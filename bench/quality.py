@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--allocations", nargs="*", default=None, help="only rows with these allocations")
     parser.add_argument("--methods", nargs="*", default=None, help="only rows with these methods")
     parser.add_argument("--sparsities", nargs="*", type=float, default=None, help="only rows at these sparsities")
-    parser.add_argument("--msp-args", default=None, help='MSP arguments as JSON, e.g. \'{"population": 4}\'')
+    parser.add_argument("--msp-args", default=None, help="MSP arguments as JSON, e.g. '{\"population\": 4}'")
     parser.add_argument("--out", default="bench/out/quality.json")
     args = parser.parse_args()
 

@@ -71,8 +71,10 @@ def real(args) -> dict:
     print(f"{'run':<10} {'wall s':>8} {'peak RSS MB':>12} {'ppl pruned':>11}")
     for name, row in rows.items():
         print(f"{name:<10} {row['wall_s']:>8.1f} {row['peak_rss_mb']:>12.0f} {row['ppl_pruned']:>11.3f}")
-    print(f"streamed / in-memory: RSS {result['rss_ratio_streamed_over_in_memory']:.2f}x, time "
-          f"{result['time_ratio_streamed_over_in_memory']:.2f}x; identical exports: {result['identical_exports']}")
+    print(
+        f"streamed / in-memory: RSS {result['rss_ratio_streamed_over_in_memory']:.2f}x, time "
+        f"{result['time_ratio_streamed_over_in_memory']:.2f}x; identical exports: {result['identical_exports']}"
+    )
     if not args.keep:
         shutil.rmtree(work)
     return result
@@ -167,8 +169,10 @@ def big(args) -> dict:
         "achieved_sparsity": report["achieved_sparsity"],
         "exported_zero_fraction": _check_exported_sparsity(export, [0, args.layers // 2, args.layers - 1]),
     }
-    print(f"model {size / 1e9:.1f} GB on a {memory / 1024:.1f} GiB machine: pruned in {run['wall_s']:.0f} s, "
-          f"peak RSS {run['peak_rss_mb']:.0f} MB ({result['peak_rss_over_model_size']:.3f}x the model)")
+    print(
+        f"model {size / 1e9:.1f} GB on a {memory / 1024:.1f} GiB machine: pruned in {run['wall_s']:.0f} s, "
+        f"peak RSS {run['peak_rss_mb']:.0f} MB ({result['peak_rss_over_model_size']:.3f}x the model)"
+    )
     for name, fraction in result["exported_zero_fraction"].items():
         print(f"  {name}: zero fraction {fraction:.6f}")
     if not args.keep:

@@ -1,6 +1,6 @@
 """Markdown tables for bench/RESULTS.md from the JSON the benchmarks write (``bench/out/*.json``).
 
-    python bench/tables.py            # prints every table whose JSON exists
+python bench/tables.py            # prints every table whose JSON exists
 """
 
 from __future__ import annotations

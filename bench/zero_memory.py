@@ -323,8 +323,12 @@ def report(results: dict[str, dict], steps: int) -> dict:
     for role, result in results.items():
         for r in result["ranks"]:
             cells = [r["phases"].get(name) for name in phases]
-            print(f"{role:<7} {r['rank']:>4} " + " ".join(
-                f"{c['rss_mib']:>5.0f}/{c['peak_rss_mib']:<5.0f}" if c else f"{'-':>11}" for c in cells).rstrip())
+            print(
+                f"{role:<7} {r['rank']:>4} "
+                + " ".join(
+                    f"{c['rss_mib']:>5.0f}/{c['peak_rss_mib']:<5.0f}" if c else f"{'-':>11}" for c in cells
+                ).rstrip()
+            )
 
     summary: dict = {}
     for role, result in results.items():
@@ -337,8 +341,9 @@ def report(results: dict[str, dict], steps: int) -> dict:
             "peak_rss_ratio_worst_rank": max(r["ratios"]["peak_rss"] for r in ranks),
             "peak_rss_above_baseline_ratio_worst_rank": max(r["ratios"]["peak_rss_above_baseline"] for r in ranks),
             "end_rss_trimmed_ratio_worst_rank": max(r["ratios"]["end_rss_trimmed"] for r in ranks),
-            "gathered_mib_at_probes": max(max(r["after_prune"]["gathered_mib"], r["after_steps"]["gathered_mib"])
-                                          for r in ranks),  # fmt: skip
+            "gathered_mib_at_probes": max(
+                max(r["after_prune"]["gathered_mib"], r["after_steps"]["gathered_mib"]) for r in ranks
+            ),  # fmt: skip
             "masked_zero_fraction": [r["after_steps"]["masked_zero_fraction"] for r in ranks],
         }
         print(f"\n{role} / single, per rank: parameter bytes after pruning "
@@ -370,10 +375,15 @@ def main() -> None:
     parser.add_argument("--calibration-batches", type=int, default=4, help="in all; ZeRO-3 ranks take half each")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the single process (ranks: 1)")
-    parser.add_argument("--reduce-bucket", type=int, default=None,
-                        help="ZeRO reduce_bucket_size in elements (default hidden^2, as HF's 'auto')")
-    parser.add_argument("--max-reuse-distance", type=int, default=None,
-                        help="stage3_max_reuse_distance (default: DeepSpeed's 1e9)")
+    parser.add_argument(
+        "--reduce-bucket",
+        type=int,
+        default=None,
+        help="ZeRO reduce_bucket_size in elements (default hidden^2, as HF's 'auto')",
+    )
+    parser.add_argument(
+        "--max-reuse-distance", type=int, default=None, help="stage3_max_reuse_distance (default: DeepSpeed's 1e9)"
+    )
     parser.add_argument("--malloc-mmap-threshold", type=int, default=None,
                         help="set MALLOC_MMAP_THRESHOLD_ (bytes) in the workers: glibc then returns freed large "
                              "blocks to the OS at once, so RSS tracks live memory (default: glibc's own)")  # fmt: skip

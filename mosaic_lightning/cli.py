@@ -8,6 +8,7 @@ again and writes a Hugging Face directory with ``pruning_report.json``.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback
@@ -132,6 +133,7 @@ class MosaicCLI(LightningCLI):
         if config.stream:  # exported by the streamed job itself
             report = self._pruning_callback().report
             self._log_and_summarise(report, report.metrics)
+            report.save_json(Path(config.export_dir) / "pruning_report.json")  # now with the run's total
             rank_zero_info(f"saved pruned model and pruning_report.json to {config.export_dir}")
             return
         callback = self._pruning_callback()
@@ -161,7 +163,7 @@ class MosaicCLI(LightningCLI):
     def _log_and_summarise(self, report, logged: dict[str, float]) -> None:
         """The run's total time and peak memory into ``report``; ``logged`` to every logger; the summary printed."""
         report.timings["total"] = time.perf_counter() - self._clock
-        report.record_peak_memory("total")
+        report.record_run_peak_memory()
         for logger in self.trainer.loggers:
             logger.log_metrics(logged, step=self.trainer.global_step)
             logger.save()

@@ -61,6 +61,15 @@ class PruningReport:
         :func:`reset_peak_memory`, or since the start."""
         self.peak_memory_mb.update(peak_memory(phase))
 
+    def record_run_peak_memory(self) -> None:
+        """``total_*``: the whole run's peaks, the largest of every recorded phase's (phases may have reset the
+        process's peak) and the peak since the last reset."""
+        now = peak_memory("total")
+        for key in now:
+            kind = key.removeprefix("total")
+            now[key] = max([now[key], *(v for k, v in self.peak_memory_mb.items() if k.endswith(kind))])
+        self.peak_memory_mb.update(now)
+
     def to_dict(self) -> dict:
         return {
             "requested_sparsity": self.config.get("sparsity"),
@@ -83,8 +92,11 @@ class PruningReport:
         }
 
     def save_json(self, path: str | os.PathLike) -> None:
-        with open(path, "w") as fh:
+        """Written beside ``path`` and renamed onto it: a reader never sees half a report."""
+        partial = f"{os.fspath(path)}.partial"
+        with open(partial, "w") as fh:
             json.dump(self.to_dict(), fh, indent=2)
+        os.replace(partial, path)
 
     def format_table(self) -> str:
         """Layers x projections table of achieved sparsity (percent), then a summary."""

@@ -160,6 +160,11 @@ def test_cli_stream_export_equals_in_memory_export(tmp_path, tiny_model_dir):
     reports = [json.loads((tmp_path / d / "pruning_report.json").read_text()) for d in ("streamed", "in_memory")]
     for key in ("ppl_dense", "ppl_pruned"):
         assert reports[0][key] == pytest.approx(reports[1][key], rel=1e-6)
+    for report in reports:  # the whole run's time and peak memory, in both paths
+        assert report["timings_s"]["total"] > report["timings_s"]["prune"] > 0
+        peaks = report["peak_memory_mb"]
+        assert peaks["total_rss"] == max(v for k, v in peaks.items() if k.endswith("_rss"))
+    assert not list((tmp_path / "streamed").glob("*.partial"))
     assert (tmp_path / "streamed" / "model.safetensors.index.json").is_file()
     assert (tmp_path / "streamed" / "tokenizer.json").is_file()
 

@@ -266,7 +266,7 @@ class BlockContext:
             structural = self.structural.get(proj.key)
             num = self.num_prune[proj.key]
             if structural is None:
-                result = prune(weight, stats, self.pattern, num)
+                result = prune(weight, stats, self.pattern.for_count(*weight.shape, num), num)
             else:
                 rows = structural.any(dim=1).nonzero().squeeze(1)
                 cols = structural.any(dim=0).nonzero().squeeze(1)

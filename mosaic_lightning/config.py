@@ -10,7 +10,7 @@ from .adapters import check_pattern
 from .allocation import Allocation, Uniform, resolve_allocation
 from .components import Component
 from .methods import PruningMethod, resolve_method
-from .patterns import Pattern, parse_pattern
+from .patterns import NM, MixedNM, Pattern, parse_pattern
 from .structure import UNIT_KINDS
 
 
@@ -30,7 +30,9 @@ class PruningConfig:
             published Mosaic: OWL's layer profile plus a per-projection-type offset), an
             :class:`~mosaic_lightning.allocation.Allocation` instance or ``{"class_path", "init_args"}``
             (outlier ``threshold`` and ``lam`` are OWL's and Mosaic's own arguments).
-        pattern: ``unstructured`` (compared per output row), ``unstructured-layer`` or ``N:M`` (e.g. ``2:4``).
+        pattern: ``unstructured`` (compared per output row), ``unstructured-layer``, ``N:M`` (e.g. ``2:4``) or
+            ``mixed:M`` (N:M with each projection's N from the allocation, e.g. ``mixed:8`` with ``msp``; counts in
+            whole steps of 1/M, the total still exact).
         targets: projections to prune, by short name (q,k,v,o,gate,up,down) or module-name regex; None = all.
         exclude: projections to leave dense, same syntax.
         min_sparsity, max_sparsity: bounds on any one projection's sparsity under non-uniform allocation.
@@ -127,7 +129,7 @@ class PruningConfig:
         unknown = [u for u in self.structured_units if u not in UNIT_KINDS]
         if unknown or not self.structured_units:
             raise ValueError(f"structured_units={self.structured_units!r}; allowed values: {list(UNIT_KINDS)}")
-        if self.structured_fraction > 0 and pattern.fixed_sparsity is not None:
+        if self.structured_fraction > 0 and isinstance(pattern, NM | MixedNM):
             raise ValueError(
                 f"structured_fraction={self.structured_fraction} needs an unstructured pattern, not "
                 f"pattern={self.pattern!r} (N:M fixes the sparsity of what structure leaves)"

@@ -200,7 +200,9 @@ def plan_pruning(
             f"structured_fraction={config.structured_fraction}: whole units alone remove more than "
             f"sparsity={config.sparsity}; lower structured_fraction"
         )
-    unstructured = exact_counts(remaining, budget.sparsity, config.sparsity, *config.bounds(), goal=single)
+    pattern = config.build_pattern()
+    quanta = {p.key: pattern.quantum(p.out_features, p.in_features) for p in projections}
+    unstructured = exact_counts(remaining, budget.sparsity, config.sparsity, *config.bounds(), single, quanta)
     counts = {k: structural.get(k, 0) + unstructured[k] for k in sizes}
     return Plan(counts, unstructured, budget.ratios, groups, removals, budget.details)
 

@@ -25,6 +25,14 @@ class Pattern(ABC):
     def check_shape(self, in_features: int, where: str) -> None:  # noqa: B027 - most patterns take any shape
         """Raise a clear error when a projection's shape cannot take this pattern."""
 
+    def quantum(self, out_features: int, in_features: int) -> int:
+        """Prune counts of an ``[out, in]`` projection must be multiples of this (1: any count)."""
+        return 1
+
+    def for_count(self, out_features: int, in_features: int, num_prune: int) -> Pattern:
+        """The pattern that prunes ``num_prune`` weights of such a projection (itself, except for mixed N:M)."""
+        return self
+
     @abstractmethod
     def keep_mask(self, scores: torch.Tensor, num_prune: int) -> torch.Tensor:
         """Bool mask, True = keep, with exactly ``num_prune`` False entries."""
@@ -112,8 +120,38 @@ class NM(Pattern):
         return keep.reshape(rows, cols)
 
 
+class MixedNM(Pattern):
+    """N:M with M fixed and N chosen per projection by the allocation (``"mixed:8"``): a projection pruned by
+    ``k`` weights of every ``M`` keeps ``N = M - k``, ``1 <= N < M``. Its counts come in steps of
+    ``out * in / M`` (one N per projection), which the planner keeps while making the total exact."""
+
+    def __init__(self, m: int) -> None:
+        if m < 2:
+            raise ValueError(f"mixed N:M pattern mixed:{m} needs M >= 2")
+        self.m = m
+        self.name = f"mixed:{m}"
+
+    def check_shape(self, in_features: int, where: str) -> None:
+        NM(1, self.m).check_shape(in_features, where)
+
+    def quantum(self, out_features: int, in_features: int) -> int:
+        return out_features * in_features // self.m
+
+    def for_count(self, out_features: int, in_features: int, num_prune: int) -> NM:
+        step = self.quantum(out_features, in_features)
+        if num_prune % step or not 0 < num_prune // step < self.m:
+            raise ValueError(
+                f"{self.name}: {num_prune} of {out_features}x{in_features} is not k/{self.m} of it with "
+                f"0 < k < {self.m}"
+            )
+        return NM(self.m - num_prune // step, self.m)
+
+    def keep_mask(self, scores: torch.Tensor, num_prune: int) -> torch.Tensor:
+        return self.for_count(*scores.shape, num_prune).keep_mask(scores, num_prune)
+
+
 def parse_pattern(spec: str) -> Pattern:
-    """``"unstructured"`` (per row), ``"unstructured-layer"``, or ``"N:M"`` such as ``"2:4"``."""
+    """``"unstructured"`` (per row), ``"unstructured-layer"``, ``"N:M"`` such as ``"2:4"``, or ``"mixed:M"``."""
     if spec == "unstructured":
         return Unstructured("row")
     if spec == "unstructured-layer":
@@ -121,4 +159,10 @@ def parse_pattern(spec: str) -> Pattern:
     match = re.fullmatch(r"(\d+):(\d+)", spec)
     if match:
         return NM(int(match.group(1)), int(match.group(2)))
-    raise ValueError(f"pattern={spec!r}; allowed values: 'unstructured', 'unstructured-layer', 'N:M' (e.g. '2:4')")
+    match = re.fullmatch(r"mixed:(\d+)", spec)
+    if match:
+        return MixedNM(int(match.group(1)))
+    raise ValueError(
+        f"pattern={spec!r}; allowed values: 'unstructured', 'unstructured-layer', 'N:M' (e.g. '2:4'), 'mixed:M' "
+        "(N:M with N chosen per projection by the allocation, e.g. 'mixed:8')"
+    )

@@ -92,3 +92,61 @@ def test_bad_options_name_the_field(kwargs, message):
 def test_nm_patterns_are_refused_before_any_weight_changes():
     with pytest.raises(ValueError, match="allocation='msp'.*cannot take|pattern='2:4'"):
         PruningConfig(0.5, "wanda", "msp", pattern="2:4")
+
+
+def _llama_layers(layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128)  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def _kept_per_group(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """Nonzeros in every group of ``m`` consecutive inputs of every row."""
+    return (weight != 0).reshape(weight.shape[0], -1, m).sum(-1)
+
+
+def test_mixed_nm_gives_each_layer_its_own_n_with_the_mean_exact():
+    """``mixed:8`` at a 75% mean: every projection keeps the same N of every 8 in every group, one N per layer,
+    the N values average to 2 (layers are equal), and every individual of the search is on that grid."""
+    model = _llama_layers(4)
+    msp = MSP(population=6, generations=3, max_spread=0.3, seed=1)
+    report = prune_model(model, random_batches(4), PruningConfig(0.75, "wanda", msp, pattern="mixed:8"),
+                         progress=False).report  # fmt: skip
+    layer_n = []
+    for layer in model.model.layers:
+        kept = {path: _kept_per_group(layer.get_submodule(path).weight, 8) for path in LAYER_PARAMS}
+        values = {int(k.unique().item()) for k in kept.values() if k.unique().numel() == 1}
+        assert len(values) == 1 and all(k.unique().numel() == 1 for k in kept.values()), kept
+        layer_n.append(values.pop())
+    assert sum(layer_n) == 2 * 4 and all(1 <= n <= 7 for n in layer_n)
+    assert report.params_pruned == round(0.75 * report.params_targeted)
+    for generation in report.allocation["population"]:
+        for individual in generation:
+            steps = [s * 8 for s in individual]
+            assert all(abs(s - round(s)) < 1e-9 for s in steps) and round(sum(steps)) == 6 * 4
+    assert len({tuple(i) for g in report.allocation["population"] for i in g}) > 2  # the search explores
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_mixed_nm_under_uniform_allocation_is_plain_n_m(method):
+    """Uniform at 75% over mixed:8 is 2:8 everywhere: the same weights as the fixed pattern."""
+    batches = random_batches(3)
+    mixed, fixed = make_llama(), make_llama()
+    prune_model(mixed, batches, PruningConfig(0.75, method, "uniform", pattern="mixed:8"), progress=False)
+    prune_model(fixed, batches, PruningConfig(0.75, method, "uniform", pattern="2:8"), progress=False)
+    for (name, a), (_, b) in zip(mixed.named_parameters(), fixed.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_mixed_nm_refusals_name_what_is_wrong():
+    batches = random_batches(2)
+    with pytest.raises(ValueError, match=r"not a whole number of 1/M steps"):
+        prune_model(make_llama(), batches, PruningConfig(0.7, "wanda", "msp", pattern="mixed:8"), progress=False)
+    unequal = PruningConfig(0.75, "wanda", "msp", pattern="mixed:8", exclude=["model.layers.0.mlp.down_proj"])
+    with pytest.raises(ValueError, match="needs layers of equal size"):
+        prune_model(make_llama(), batches, unequal, progress=False)
+    with pytest.raises(ValueError, match="cannot be reached exactly in whole steps of 1/M"):
+        prune_model(make_llama(), batches, PruningConfig(0.7, "wanda", "uniform", pattern="mixed:8"), progress=False)

@@ -142,3 +142,16 @@ def test_parse_pattern_error_names_field_and_allowed_values(spec):
     assert f"pattern={spec!r}" in message
     for allowed in ("'unstructured'", "'unstructured-layer'", "N:M"):
         assert allowed in message
+
+
+def test_mixed_nm_derives_n_from_the_count_and_refuses_counts_off_its_steps():
+    scores = torch.rand(4, 16, generator=torch.Generator().manual_seed(0))
+    pattern = parse_pattern("mixed:8")
+    assert pattern.quantum(4, 16) == 8 and pattern.fixed_sparsity is None
+    keep = pattern.keep_mask(scores, 5 * 8)  # 5 of every 8 pruned: 3:8
+    assert torch.equal(keep, parse_pattern("3:8").keep_mask(scores, 5 * 8))
+    for bad in (5 * 8 + 1, 0, 8 * 8):
+        with pytest.raises(ValueError, match="is not k/8 of it"):
+            pattern.keep_mask(scores, bad)
+    with pytest.raises(ValueError, match="allowed values: .*'mixed:M'"):
+        parse_pattern("mixed")

@@ -142,15 +142,18 @@ def exact_counts(
     min_sparsity: float,
     max_sparsity: float,
     goal: int | None = None,
+    quanta: dict[str, int] | None = None,
 ) -> dict[str, int]:
     """Integer prune counts: ``clip(s_p + c)`` with the shift ``c`` solved so the total is exactly on target.
 
-    Each count stays within ``[ceil(min * n), floor(max * n)]`` of its projection's size ``n``.
+    Each count stays within ``[ceil(min * n), floor(max * n)]`` of its projection's size ``n``, and is a multiple
+    of its ``quanta`` entry where given (mixed N:M: whole steps of ``n / M``).
     """
+    quanta = quanta or dict.fromkeys(sizes, 1)
     total = sum(sizes.values())
     goal = round(target * total) if goal is None else goal
-    low = {k: math.ceil(min_sparsity * n - 1e-9) for k, n in sizes.items()}
-    high = {k: math.floor(max_sparsity * n + 1e-9) for k, n in sizes.items()}
+    low = {k: math.ceil((min_sparsity * n - 1e-9) / quanta[k]) * quanta[k] for k, n in sizes.items()}
+    high = {k: math.floor((max_sparsity * n + 1e-9) / quanta[k]) * quanta[k] for k, n in sizes.items()}
     if not sum(low.values()) <= goal <= sum(high.values()):
         raise ValueError(
             f"min_sparsity={min_sparsity} and max_sparsity={max_sparsity} cannot average to sparsity="
@@ -166,14 +169,21 @@ def exact_counts(
         lo, hi = (mid, hi) if pruned(mid) < goal else (lo, mid)
     shift = (lo + hi) / 2
     raw = {k: n * min(max(sparsity[k] + shift, min_sparsity), max_sparsity) for k, n in sizes.items()}
-    counts = {k: min(max(int(r), low[k]), high[k]) for k, r in raw.items()}
+    counts = {k: min(max(int(r) // quanta[k] * quanta[k], low[k]), high[k]) for k, r in raw.items()}
     remainder = goal - sum(counts.values())
     step = 1 if remainder > 0 else -1
     # Largest fractional parts first when adding, smallest first when removing; repeat while room remains.
     while remainder:
-        order = sorted(raw, key=lambda k: raw[k] - counts[k], reverse=step > 0)
-        movable = [k for k in order if low[k] <= counts[k] + step <= high[k]]
-        for k in movable[: abs(remainder)]:
-            counts[k] += step
-            remainder -= step
+        order = sorted(raw, key=lambda k: (raw[k] - counts[k]) / quanta[k], reverse=step > 0)
+        movable = [k for k in order if low[k] <= counts[k] + step * quanta[k] <= high[k]
+                   and quanta[k] <= abs(remainder)]  # fmt: skip
+        if not movable:
+            raise ValueError(
+                f"sparsity={goal / max(total, 1):.6f} cannot be reached exactly in whole steps of 1/M of each "
+                "projection (mixed N:M); choose a sparsity that is a multiple of 1/M"
+            )
+        for k in movable:
+            if quanta[k] <= abs(remainder):
+                counts[k] += step * quanta[k]
+                remainder -= step * quanta[k]
     return counts

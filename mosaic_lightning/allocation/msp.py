@@ -8,8 +8,12 @@ evolutionary search over per-layer sparsities). Every choice below is ours where
   of the whole model on up to ``fisher_batches`` batches; summed over ranks under DDP. Existing ``.grad`` values
   are saved and restored, so a run in the middle of training is not disturbed.
 - **Search space**: one sparsity per layer (all its targeted projections share it), within ``[min_sparsity,
-  max_sparsity]``, with the parameter-weighted mean exactly the target for every individual. Unstructured
-  patterns only (per-layer N for N:M is not implemented).
+  max_sparsity]``, with the parameter-weighted mean exactly the target for every individual. With the
+  ``mixed:M`` pattern every layer's sparsity is a whole number of ``1/M`` steps (its projections keep ``N`` of
+  every ``M``, N per layer), which needs layers of equal size and ``sparsity x M x layers`` a whole number (a
+  75% mean at M = 8 over 30 layers: N values summing to 60); individuals are rounded onto that grid with the sum
+  kept (largest remainders), and a mutation moves exactly one step. A fixed ``N:M`` pattern is refused (nothing
+  to search).
 - **First population**: uniform, plus Fisher-seeded individuals ``s_l = s - k * z_l`` (``z_l`` = centred, unit-
   range ``log F_l``: more sensitive layers less sparse) for spreads ``k`` evenly spaced up to ``max_spread``, each
   projected back onto the exact mean.
@@ -40,6 +44,7 @@ from tqdm.auto import tqdm
 from ..block import parameter_values
 from ..calibration import swapped_weights
 from ..evaluation import perplexity
+from ..patterns import MixedNM
 from ..validation import check_int, check_open_unit
 from ..zero import is_partitioned
 from .base import Allocation, AllocationContext, Budget, exact_counts
@@ -89,11 +94,15 @@ class MSP(Allocation):
         if config is None:
             raise ValueError("MSP needs the pruning config (method and pattern) in its AllocationContext")
         if config.build_pattern().fixed_sparsity is not None:
-            raise ValueError(f"allocation msp searches unstructured sparsities; pattern={config.pattern!r} is N:M")
+            raise ValueError(
+                f"allocation msp searches per-layer sparsities; pattern={config.pattern!r} fixes them: use an "
+                "unstructured pattern, or 'mixed:M' for N:M with N chosen per layer"
+            )
         if any(is_partitioned(p.weight) for p in context.projections):
             raise ValueError("allocation msp reads whole-parameter gradients: DeepSpeed ZeRO-3 is not supported")
         layers = sorted({p.layer for p in context.projections})
         sizes = [sum(p.numel for p in context.projections if p.layer == layer) for layer in layers]
+        _check_mixed_grid(config.build_pattern(), sizes, target)
         fisher = fisher_trace(context, layers, self.fisher_batches)
         search = _Search(self, context, layers, sizes, target)
         best, details = search.run(fisher)
@@ -131,6 +140,23 @@ def fisher_trace(context: AllocationContext, layers: list[int], max_batches: int
     return totals.tolist()
 
 
+def _check_mixed_grid(pattern, sizes: list[int], target: float) -> None:
+    """Mixed N:M: equal layers whose per-layer steps of 1/M can average exactly to the target."""
+    if not isinstance(pattern, MixedNM):
+        return
+    if len(set(sizes)) > 1:
+        raise ValueError(
+            f"allocation msp with pattern={pattern.name!r} needs layers of equal size (targeted weights per layer: "
+            f"{sorted(set(sizes))}); check targets/exclude, or use an unstructured pattern"
+        )
+    steps = target * pattern.m * len(sizes)
+    if abs(steps - round(steps)) > 1e-6:
+        raise ValueError(
+            f"allocation msp with pattern={pattern.name!r}: sparsity={target} x M={pattern.m} x {len(sizes)} "
+            f"layers = {steps:g} is not a whole number of 1/M steps; choose a sparsity that makes it one"
+        )
+
+
 class _Search:
     """The evolutionary search over per-layer sparsity vectors (see the module docstring)."""
 
@@ -139,6 +165,11 @@ class _Search:
         self.sizes = torch.tensor(sizes, dtype=torch.float64)
         config = context.config
         self.low, self.high = config.min_sparsity, config.max_sparsity
+        pattern = config.build_pattern()
+        self.m = pattern.m if isinstance(pattern, MixedNM) else None  # mixed N:M: sparsities in steps of 1/m
+        if self.m is not None:
+            self.low = max(math.ceil(self.low * self.m - 1e-9), 1) / self.m
+            self.high = min(math.floor(self.high * self.m + 1e-9), self.m - 1) / self.m
         self.generator = torch.Generator().manual_seed(msp.seed)
         self.norms = _dense_column_norms(context)
         self.fitness_batches = context.batches[: msp.fitness_batches]
@@ -173,7 +204,20 @@ class _Search:
         error = self.target * self.sizes.sum() - shifted @ self.sizes
         if free.any():
             shifted[free] += error / self.sizes[free].sum()
-        return shifted
+        return shifted if self.m is None else self._on_grid(shifted)
+
+    def _on_grid(self, values: torch.Tensor) -> torch.Tensor:
+        """Mixed N:M: whole steps of 1/m, the (equal-size) layers' sum of steps kept exactly (largest remainders)."""
+        steps = values * self.m
+        whole = steps.floor().clamp(self.low * self.m, self.high * self.m)
+        missing = round(self.target * self.m * len(self.layers)) - int(whole.sum())
+        for i in torch.argsort(steps - whole, descending=True, stable=True).tolist():
+            if missing == 0:
+                break
+            if whole[i] + 1 <= round(self.high * self.m):
+                whole[i] += 1
+                missing -= 1
+        return whole / self.m
 
     def _first_population(self, fisher: torch.Tensor) -> list[torch.Tensor]:
         uniform = torch.full((len(self.layers),), self.target, dtype=torch.float64)
@@ -198,6 +242,8 @@ class _Search:
         for _ in range(self.msp.mutations):
             i, j = torch.randperm(len(self.layers), generator=self.generator)[:2].tolist()
             step = float(torch.rand((), generator=self.generator)) * self.msp.mutation_step
+            if self.m is not None:  # mixed N:M: one whole step of 1/m (none where a bound leaves no room)
+                step = 1 / self.m
             # Move ``moved`` weights' worth of sparsity from layer j to layer i, within both layers' bounds.
             moved = step * min(self.sizes[i], self.sizes[j])
             room = float((self.high - child[i]) * self.sizes[i]), float((child[j] - self.low) * self.sizes[j])
@@ -213,8 +259,9 @@ class _Search:
         config, projections = self.context.config, self.context.projections
         sizes = {p.key: p.numel for p in projections}
         wanted = {p.key: float(individual[self.layers.index(p.layer)]) for p in projections}
-        counts = exact_counts(sizes, wanted, self.target, self.low, self.high)
         pattern = config.build_pattern()
+        quanta = {p.key: pattern.quantum(p.out_features, p.in_features) for p in projections}
+        counts = exact_counts(sizes, wanted, self.target, self.low, self.high, quanta=quanta)
 
         def prune(proj, view: torch.Tensor) -> None:
             scores = config.method.scores(proj.weight_view().detach(), _ColumnNorms(self.norms[proj.key]))

@@ -45,7 +45,8 @@ class MosaicPruning(L.Callback):
         allocation: how much per projection: ``mosaic`` (default: the published Mosaic formula), ``owl`` (per
             layer), ``uniform``, or any :class:`~mosaic_lightning.allocation.Allocation` (outlier ``threshold``
             and ``lam`` are OWL's/Mosaic's arguments).
-        pattern: ``unstructured``, ``unstructured-layer`` or ``N:M`` (``2:4``, ``4:8``).
+        pattern: ``unstructured``, ``unstructured-layer``, ``N:M`` (``2:4``, ``4:8``) or ``mixed:M`` (N:M with N per
+            projection from the allocation, e.g. ``mixed:8`` with ``msp``).
         targets, exclude: projections by short name (q,k,v,o,gate,up,down) or module-name regex.
         min_sparsity, max_sparsity: bounds on any projection's sparsity (non-uniform allocations).
         structured_fraction: share of the pruned weights removed as whole MLP channels / attention heads

@@ -34,6 +34,10 @@ SETTINGS = [(0.5, "unstructured"), (0.7, "unstructured"), (0.5, "2:4")]
 COMPOSITE = [(s, f) for s in (0.3, 0.5) for f in (0.0, 0.62, 1.0)]
 # Sequential suite: calibrating block l on blocks < l as pruned (default) vs on dense activations (one pass).
 SEQUENTIAL = [(s, m, q) for s in (0.5, 0.7) for m in ("wanda", "sparsegpt") for q in (True, False)]
+# Order suite: within a block, every projection from the block as it entered (default) vs true-sequential.
+ORDER = [(s, m, t) for s in (0.5, 0.7) for m in ("wanda", "sparsegpt") for t in (False, True)]
+# MSP N:M suite: at a 75% mean with M = 8, uniform 2:8 vs MSP's per-layer N ("mixed:8").
+MSP_NM = [("uniform", "2:8"), ("msp", "mixed:8")]
 # Allocation suite (issue "methods as plugins"): uniform vs OWL vs published Mosaic, x Wanda / SparseGPT, 50-80%.
 ALLOCATION = [
     (s, a, m) for s in (0.5, 0.6, 0.7, 0.8) for a in ("uniform", "owl", "mosaic") for m in ("wanda", "sparsegpt")
@@ -74,6 +78,10 @@ def _suite(suite: str) -> list[PruningConfig]:
         return [PruningConfig(s, m, a, structured_fraction=1.0) for s, m, a in STRUCTPRUNE]
     if suite == "sequential":
         return [PruningConfig(s, m, "uniform", sequential=q) for s, m, q in SEQUENTIAL]
+    if suite == "order":
+        return [PruningConfig(s, m, "uniform", true_sequential=t) for s, m, t in ORDER]
+    if suite == "msp-nm":
+        return [PruningConfig(0.75, "wanda", a, pattern=p) for a, p in MSP_NM]
     if suite == "composite":
         return [
             PruningConfig(s, "wanda", "mosaic", structured_fraction=f, uniform_structure=True) for s, f in COMPOSITE
@@ -106,8 +114,8 @@ def main() -> None:
     parser.add_argument("--calibration-samples", type=int, default=32)
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--suite", choices=["core", "composite", "sequential", "allocation", "sparsellm", "msp",
-                                            "structprune"], default="core")  # fmt: skip
+    parser.add_argument("--suite", choices=["core", "composite", "sequential", "order", "allocation", "sparsellm",
+                                            "msp", "msp-nm", "structprune"], default="core")  # fmt: skip
     parser.add_argument("--allocations", nargs="*", default=None, help="only rows with these allocations")
     parser.add_argument("--methods", nargs="*", default=None, help="only rows with these methods")
     parser.add_argument("--sparsities", nargs="*", type=float, default=None, help="only rows at these sparsities")
@@ -138,6 +146,7 @@ def main() -> None:
             "pattern": config.pattern,
             "structured_fraction": config.structured_fraction,
             "sequential": config.sequential,
+            "true_sequential": config.true_sequential,
             "achieved_sparsity": outcome.report.achieved_sparsity,
             "structured_share": outcome.report.structured_params_removed / outcome.report.params_targeted,
             "prune_s": time.perf_counter() - clock,
@@ -166,7 +175,7 @@ def main() -> None:
                                                           else r["pattern"])  # fmt: skip
         achieved = f"{r.get('achieved_sparsity', 0):.4f}"
         structural = f"{r.get('structured_share', 0):.4f}"
-        sequential = str(r.get("sequential", "-"))
+        sequential = "true" if r.get("true_sequential") else str(r.get("sequential", "-"))
         print(f"{r['method']:<10} {r['allocation']:<9} {setting:<8} {sequential:>10} {achieved:>9} {structural:>10} "
               f"{r['ppl']:>10.3f} {r.get('prune_s', 0):>8.1f}")  # fmt: skip
     out = pathlib.Path(args.out)

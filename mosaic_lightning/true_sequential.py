@@ -68,6 +68,7 @@ class TrueSequentialRun:
         """``module`` is pruned: the next passes run it with these parameter values (``swapped_weights``)."""
         self.pruned[id(module)] = values
 
+    @torch.no_grad()
     def outputs(self) -> list[torch.Tensor]:
         """The block's output per batch, every projection pruned (the last pass; the caches are freed after)."""
         missing = [self.names[key] for key in self.modules if key not in self.pruned]
@@ -80,6 +81,7 @@ class TrueSequentialRun:
             self.cache.clear()
 
     # -- one pass ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
     def _collect_stage(self, target: nn.Module, hessian: bool) -> None:
         stage = _Stage(self, hessian)
         with self._staged(caching=True, probe=stage):

@@ -130,3 +130,13 @@ def test_true_sequential_refuses_what_it_cannot_do():
         PruningConfig(true_sequential=True, structured_fraction=0.5)
     with pytest.raises(ValueError, match="prunes each block jointly"):
         PruningConfig(true_sequential=True, method="sparsellm")
+
+
+def test_no_autograd_graph_is_built_while_calibrating():
+    """The staged passes run without gradients: a block's inputs never carry a graph through the earlier blocks
+    (which would hold every block's activations until the end)."""
+    model, batches = BUILDERS["llama"](), random_batches(num=2)
+    seen = []
+    model.model.layers[1].register_forward_pre_hook(lambda _m, args: seen.append(args[0].requires_grad))
+    prune_model(model, batches, PruningConfig(sparsity=SPARSITY, true_sequential=True), progress=False)
+    assert seen and not any(seen)

@@ -101,8 +101,8 @@ class PruningConfig:
             if not uniform:
                 raise ValueError(
                     f"allocation={self.allocation.label!r} gives each projection its own sparsity, which "
-                    f"pattern={self.pattern!r} (fixed at {fixed}) cannot take; use allocation='uniform' or an "
-                    "unstructured pattern"
+                    f"pattern={self.pattern!r} (fixed at {fixed}) cannot take; use allocation='uniform', an "
+                    f"unstructured pattern, or 'mixed:{pattern.m}' (N:M with N per projection)"
                 )
         self._check_structure(pattern)
         self._check_true_sequential()

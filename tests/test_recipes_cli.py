@@ -80,11 +80,11 @@ def test_admm_recipe_runs_with_its_acceptance_overrides(tmp_path, tiny_model_dir
             assert abs(int((param == 0).sum()) - 0.6 * param.numel()) < 1, name
 
 
-def test_recover_recipe_distils_for_max_steps_and_keeps_the_sparsity(tmp_path, tiny_model_dir):
+def test_recover_recipe_fine_tunes_for_max_steps_and_keeps_the_sparsity(tmp_path, tiny_model_dir):
     result, export = _fit_recipe(tmp_path, tiny_model_dir, "recover-70", "--trainer.max_steps", "3")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((export / "pruning_report.json").read_text())
     assert report["params_pruned"] == round(0.7 * report["params_targeted"])
     model = AutoModelForCausalLM.from_pretrained(export)
     zeros = sum(int((p == 0).sum()) for n, p in model.named_parameters() if n.endswith("_proj.weight"))
-    assert zeros == report["params_pruned"]  # three distillation steps regrew nothing
+    assert zeros == report["params_pruned"]  # three fine-tuning steps regrew nothing

@@ -154,9 +154,17 @@ def collect_statistics(
 
 
 def in_features(module: nn.Module) -> int:
+    return _out_in(module)[1]
+
+
+def out_features(module: nn.Module) -> int:
+    return _out_in(module)[0]
+
+
+def _out_in(module: nn.Module) -> tuple[int, int]:
     # GPT-2's Conv1D stores its weight as [in, out].
     shape = full_shape(module.weight)  # the real shape also under ZeRO-3
-    return shape[0] if type(module).__name__ == "Conv1D" else shape[1]
+    return (shape[1], shape[0]) if type(module).__name__ == "Conv1D" else (shape[0], shape[1])
 
 
 def _recorder(entry: InputStatistics, last: dict) -> Callable:

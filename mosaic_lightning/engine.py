@@ -24,8 +24,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import ModelAdapter, Projection
-from .allocation import AllocationContext, exact_counts
-from .block import BlockContext, InputStream, PruneResult, parameter_values
+from .allocation import AllocationContext, count_quanta, exact_counts
+from .block import BlockContext, InputStream, PruneResult, parameter_values, write_result
 from .config import PruningConfig
 from .masks import MaskStore
 from .report import ProjectionReport, PruningReport
@@ -200,8 +200,7 @@ def plan_pruning(
             f"structured_fraction={config.structured_fraction}: whole units alone remove more than "
             f"sparsity={config.sparsity}; lower structured_fraction"
         )
-    pattern = config.build_pattern()
-    quanta = {p.key: pattern.quantum(p.out_features, p.in_features) for p in projections}
+    quanta = count_quanta(config.build_pattern(), projections)
     unstructured = exact_counts(remaining, budget.sparsity, config.sparsity, *config.bounds(), single, quanta)
     counts = {k: structural.get(k, 0) + unstructured[k] for k in sizes}
     return Plan(counts, unstructured, budget.ratios, groups, removals, budget.details)
@@ -337,10 +336,7 @@ def _pending_values(adapter: ModelAdapter, layer: int, pending: _Pending) -> dic
         return None
 
     def edit(proj: Projection, view: torch.Tensor) -> None:
-        if proj.key in pending.weights:
-            view.copy_(pending.weights[proj.key])
-        else:  # mask-only method: the weights as they are, pruned entries zeroed
-            view.masked_fill_(~pending.keeps[proj.key], 0)
+        write_result(view, PruneResult(pending.keeps[proj.key], pending.weights.get(proj.key)))
 
     return parameter_values(projs, edit)
 

@@ -35,9 +35,9 @@ from contextlib import ExitStack, contextmanager, suppress
 import torch
 from torch import nn
 
-from .calibration import BlockInputs, StopForward, first_output, in_features, swapped_weights
+from .calibration import BlockInputs, StopForward, first_output, in_features, out_features, swapped_weights
 from .stats import InputStatistics
-from .zero import full_shape, is_partitioned
+from .zero import is_partitioned
 
 
 class TrueSequentialRun:
@@ -177,7 +177,7 @@ class _Stage:
 
     def forward_of(self, module: nn.Module) -> Callable:
         key = id(module)
-        out_features = _out_features(module)
+        width = out_features(module)
 
         def forward(x, *_args, **_kwargs):
             if self.tensor is None:
@@ -190,7 +190,7 @@ class _Stage:
                 self.diverged = True
             if self.run.can_stop and self.batches > 1 and self.seen == len(self.members):
                 raise StopForward
-            return x.new_zeros(*x.shape[:-1], out_features)
+            return x.new_zeros(*x.shape[:-1], width)
 
         return forward
 
@@ -232,8 +232,3 @@ def _copied(value):
     if isinstance(value, tuple | list):
         return type(value)(_copied(v) for v in value)
     return value
-
-
-def _out_features(module: nn.Module) -> int:
-    shape = full_shape(module.weight)  # GPT-2's Conv1D stores its weight as [in, out]
-    return shape[1] if type(module).__name__ == "Conv1D" else shape[0]

@@ -135,6 +135,11 @@ def outlier_ratios(scores: dict[str, torch.Tensor], groups: dict[str, list[str]]
     return {g: above[g] / counts[g] for g in sums}
 
 
+def count_quanta(pattern, projections: Sequence[Projection]) -> dict[str, int]:
+    """What every projection's prune count must be a multiple of under ``pattern`` (1 but for mixed N:M)."""
+    return {p.key: pattern.quantum(p.out_features, p.in_features) for p in projections}
+
+
 def exact_counts(
     sizes: dict[str, int],
     sparsity: dict[str, float],

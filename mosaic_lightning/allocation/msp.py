@@ -47,7 +47,7 @@ from ..evaluation import perplexity
 from ..patterns import MixedNM
 from ..validation import check_int, check_open_unit
 from ..zero import is_partitioned
-from .base import Allocation, AllocationContext, Budget, exact_counts
+from .base import Allocation, AllocationContext, Budget, count_quanta, exact_counts
 
 
 class MSP(Allocation):
@@ -260,7 +260,7 @@ class _Search:
         sizes = {p.key: p.numel for p in projections}
         wanted = {p.key: float(individual[self.layers.index(p.layer)]) for p in projections}
         pattern = config.build_pattern()
-        quanta = {p.key: pattern.quantum(p.out_features, p.in_features) for p in projections}
+        quanta = count_quanta(pattern, projections)
         counts = exact_counts(sizes, wanted, self.target, self.low, self.high, quanta=quanta)
 
         def prune(proj, view: torch.Tensor) -> None:

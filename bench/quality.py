@@ -20,6 +20,7 @@ from mosaic_lightning import PruningConfig, compact_model, perplexity, prune_mod
 from mosaic_lightning.allocation import MSP
 from mosaic_lightning.assets import BUNDLED_MODEL, load_causal_lm, load_tokenizer, wikipedia_split
 from mosaic_lightning.lit.data import TokenWindows
+from mosaic_lightning.zero_shot import metric_cell, task_manager, zero_shot_accuracy
 
 ROWS = [
     ("magnitude", "uniform"),
@@ -50,6 +51,10 @@ MSP_ROWS = [(0.75, m, a) for m in ("wanda", "sparsegpt") for a in ("uniform", "o
 # StructPrune suite: structured only (structured_fraction=1), per-layer sizes; StructPrune (ADMM mask + refit, energy
 # softmax) vs today's planner (Wanda unit scores, OWL rule on unit groups), at equal parameters removed.
 STRUCTPRUNE = [(s, m, a) for s in (0.3, 0.5) for m, a in (("structprune", "energy"), ("wanda", "owl"))]
+# Accuracy suite (issue "ecosystem", with --tasks): Wanda / SparseGPT / Mosaic at 50%, and composite (Mosaic, 62% of
+# the removed weights as whole units) vs structured-only at 30% and 50% of projection weights removed.
+ACCURACY = [(0.5, m, a, 0.0) for m, a in (("wanda", "uniform"), ("sparsegpt", "uniform"), ("sparsegpt", "mosaic"))]
+ACCURACY += [(s, "wanda", "mosaic", f) for s in (0.3, 0.5) for f in (0.62, 1.0)]
 
 
 def configs(args) -> list[PruningConfig]:
@@ -82,6 +87,8 @@ def _suite(suite: str) -> list[PruningConfig]:
         return [PruningConfig(s, m, "uniform", true_sequential=t) for s, m, t in ORDER]
     if suite == "msp-nm":
         return [PruningConfig(0.75, "wanda", a, pattern=p) for a, p in MSP_NM]
+    if suite == "accuracy":
+        return [PruningConfig(s, m, a, structured_fraction=f, uniform_structure=f > 0) for s, m, a, f in ACCURACY]
     if suite == "composite":
         return [
             PruningConfig(s, "wanda", "mosaic", structured_fraction=f, uniform_structure=True) for s, f in COMPOSITE
@@ -93,6 +100,15 @@ def _suite(suite: str) -> list[PruningConfig]:
         # N:M fixes every projection's sparsity: per-projection allocation does not apply
         if pattern == "unstructured" or allocation == "uniform"
     ]
+
+
+def _accuracy_scorer(tasks: list[str] | None, limit: int, tokenizer):
+    """``model -> {"tasks": {task: lm-eval metrics}}`` through the package's lm-eval wrapper, or ``{}`` without tasks
+    (the task names are checked here, before any pruning)."""
+    if not tasks:
+        return lambda model: {}
+    manager = task_manager(tasks)
+    return lambda model: {"tasks": zero_shot_accuracy(model, tokenizer, tasks, manager, limit=limit)}
 
 
 def _layer_means(report) -> list[float]:
@@ -115,11 +131,14 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--suite", choices=["core", "composite", "sequential", "order", "allocation", "sparsellm",
-                                            "msp", "msp-nm", "structprune"], default="core")  # fmt: skip
+                                            "msp", "msp-nm", "structprune", "accuracy"], default="core")  # fmt: skip
     parser.add_argument("--allocations", nargs="*", default=None, help="only rows with these allocations")
     parser.add_argument("--methods", nargs="*", default=None, help="only rows with these methods")
     parser.add_argument("--sparsities", nargs="*", type=float, default=None, help="only rows at these sparsities")
     parser.add_argument("--msp-args", default=None, help="MSP arguments as JSON, e.g. '{\"population\": 4}'")
+    parser.add_argument("--tasks", nargs="*", default=None,
+                        help="lm-eval tasks scored on dense and every row, e.g. social_iqa_local strategyqa_local")
+    parser.add_argument("--task-limit", type=int, default=500, help="items per task (lm-eval's limit)")
     parser.add_argument("--out", default="bench/out/quality.json")
     args = parser.parse_args()
 
@@ -131,9 +150,12 @@ def main() -> None:
     calibration = list(train_windows[order[: args.calibration_samples]].split(4))
     evaluation = list(windows(test, tokenizer, args.seq_len).windows[: args.eval_windows].split(4))
 
+    accuracy = _accuracy_scorer(args.tasks, args.task_limit, tokenizer)
+    dense = load_causal_lm(BUNDLED_MODEL)
     results = [{"method": "dense", "allocation": "-", "sparsity": 0.0, "pattern": "-",
-                "ppl": perplexity(load_causal_lm(BUNDLED_MODEL), evaluation, progress=False)}]  # fmt: skip
-    print(f"dense ppl {results[0]['ppl']:.3f}", flush=True)
+                "ppl": perplexity(dense, evaluation, progress=False), **accuracy(dense)}]  # fmt: skip
+    del dense
+    print(json.dumps(results[0]), flush=True)
     for config in configs(args):
         model = load_causal_lm(BUNDLED_MODEL)
         clock = time.perf_counter()
@@ -156,6 +178,7 @@ def main() -> None:
             "layer_sparsity": _layer_means(outcome.report),
             "allocation_details": {k: v for k, v in outcome.report.allocation.items() if k != "population"},
         }
+        row.update(accuracy(model))
         if outcome.structure:  # the physically smaller model: parameters after compaction
             compact_model(model, outcome.structure)
             row["params_compacted"] = sum(p.numel() for p in model.parameters())
@@ -178,6 +201,13 @@ def main() -> None:
         sequential = "true" if r.get("true_sequential") else str(r.get("sequential", "-"))
         print(f"{r['method']:<10} {r['allocation']:<9} {setting:<8} {sequential:>10} {achieved:>9} {structural:>10} "
               f"{r['ppl']:>10.3f} {r.get('prune_s', 0):>8.1f}")  # fmt: skip
+    if args.tasks:
+        print(f"\nlm-eval, {args.task_limit} items per task (acc / acc_norm, ± standard error)")
+        for r in results:
+            cells = [f"{task} {m} {metric_cell(v.get(m), v.get(m + '_stderr'))}"
+                     for task, v in r["tasks"].items() for m in ("acc", "acc_norm")]  # fmt: skip
+            print(f"{r['method']:<10} {r['allocation']:<9} {r['sparsity']:.0%} f={r.get('structured_fraction', 0)}  "
+                  + "  ".join(cells))
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "results": results}, indent=2))

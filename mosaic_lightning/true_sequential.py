@@ -13,18 +13,23 @@ weights. Nothing is computed twice that costs a matmul:
 - a pruned projection computes once, in the first pass after it was pruned, and its output per batch is cached
   and replayed after;
 - a submodule of the block whose projections are all pruned (the attention, an MLP) is cached and replayed as a
-  whole once it has run, so the attention itself (scores, softmax) runs in two passes, not in every later one.
+  whole once it has run;
+- a stage of one projection (o, down) keeps its recorded inputs for the next pass; if that projection's output
+  is its submodule's output (checked on the first batch: the same tensor object, nothing else but ``None``
+  returned beside it), the submodule is shortcut to that projection on its kept input for the other batches, so
+  the attention itself (scores, softmax), which fed o in o's own pass, is not run again.
 
-So the block costs about one forward pass plus its attention twice; the last pass gives the block's output (the
-next block's input) with every projection pruned, equal to running the pruned block. Memory: the cached outputs,
-at most about ``(d + 2 d_ff) x tokens`` values in the model's dtype (Llama: the attention's output and gate/up's),
-beside the block's input and output that sequential calibration holds anyway.
+So the block costs about one forward pass (the attention once more for the first batch); the last pass gives the
+block's output (the next block's input) with every projection pruned, equal to running the pruned block.
+Memory: the cached outputs and kept inputs, at most about ``(d + 3 d_ff) x tokens`` values in the model's dtype
+(Llama: gate/up's outputs and down's inputs), beside the block's input and output that sequential calibration
+holds anyway.
 
 Stages are found from the forward itself (which projections receive the very same tensor object), so nothing is
 written per architecture; a fused projection module (GPT-2's ``c_attn``) is one stage member. Cached tensors are
 stored and replayed as copies, so a block that adds into a submodule's output in place cannot change them. Under
 DeepSpeed ZeRO-3 a pass cannot stop early (DeepSpeed's hooks would keep the gathered parameters in use), so each
-pass runs to the block's end on zeros past its stage: same results, more time.
+pass runs to the block's end on zeros past its stage, and no submodule is shortcut: same results, more time.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ class TrueSequentialRun:
         self.stats: dict[int, InputStatistics] = {}
         self.pruned: dict[int, dict[nn.Parameter, torch.Tensor]] = {}  # module -> its pruned parameter values
         self.cache: dict[int, list] = {}  # module or submodule -> its output per batch
+        self.kept_inputs: dict[int, list[torch.Tensor]] = {}  # the last one-projection stage's inputs per batch
         self.can_stop = not any(is_partitioned(p) for p in block.parameters())
         self.batch = 0  # the batch being run, for the replays
 
@@ -79,6 +85,7 @@ class TrueSequentialRun:
                 return [first_output(self._run(i)) for i in range(len(self.inputs.hidden))]
         finally:
             self.cache.clear()
+            self.kept_inputs.clear()
 
     # -- one pass ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -98,6 +105,8 @@ class TrueSequentialRun:
         for key, entry in stage.entries.items():
             entry.all_reduce()  # under DDP every rank calibrates on its own share; all see the sum
             self.stats[key] = entry
+        complete = len(stage.kept) == len(self.inputs.hidden)
+        self.kept_inputs = {stage.members[0]: stage.kept} if len(stage.members) == 1 and complete else {}
 
     def _run(self, batch: int):
         self.batch = batch
@@ -116,10 +125,13 @@ class TrueSequentialRun:
                 if key in self.cache:
                     stack.enter_context(_forward_replaced(module, self._replay(key)))
                 elif key in self.pruned or key in sealed:
-                    if caching and not _inside_any(module, sealed, key):
+                    outermost = not _inside_any(module, sealed, key)
+                    if caching and outermost:
                         self.cache[key] = []
                         newly_cached.append(key)
                         stack.callback(module.register_forward_hook(self._recorder(key, probe)).remove)
+                    if key in sealed and outermost:
+                        self._shortcut(module, stack)
                 elif probe is not None:
                     stack.enter_context(_forward_replaced(module, probe.forward_of(module)))
             yield
@@ -141,6 +153,35 @@ class TrueSequentialRun:
             if inner and all(key in self.pruned for key in inner):
                 sealed[id(module)] = module
         return sealed
+
+    def _shortcut(self, submodule: nn.Module, stack: ExitStack) -> None:
+        """If a projection of ``submodule`` has kept inputs, the submodule runs as that projection on them for
+        every batch but the first, once the first batch has shown that the submodule returns what it returns."""
+        last = [m for m in submodule.modules() if id(m) in self.kept_inputs]
+        if not last or not self.can_stop:
+            return
+        projection, kept, full_forward = last[0], self.kept_inputs[id(last[0])], submodule.forward
+        seen: list = []
+        shape: dict[str, tuple | None] = {}  # learnt from the first batch: the output's structure, or None
+
+        def forward(*args, **kwargs):
+            if self.batch > 0 and shape.get("rest") is not None:
+                out = projection(kept[self.batch])
+                return (out, *shape["rest"]) if shape["tuple"] else out
+            out = full_forward(*args, **kwargs)
+            if self.batch == 0:
+                shape["tuple"] = isinstance(out, tuple)
+                rest = tuple(out[1:]) if shape["tuple"] else ()
+                own = len(seen) == 1 and first_output(out) is seen[0]
+                shape["rest"] = rest if own and all(r is None for r in rest) else None
+            return out
+
+        def record(_module, _args, out):
+            if self.batch == 0:
+                seen.append(out)
+
+        stack.callback(projection.register_forward_hook(record).remove)
+        stack.enter_context(_forward_replaced(submodule, forward))
 
     def _replay(self, key: int) -> Callable:
         def forward(*_args, **_kwargs):
@@ -170,9 +211,12 @@ class _Stage:
         self.tensor: torch.Tensor | None = None
         self.part = None
         self.diverged = False  # a module not yet pruned was fed another tensor: the rest of the pass is void
+        self.kept: list[torch.Tensor] = []  # the stage's input per batch (kept for a one-projection stage)
 
     def start_batch(self) -> None:
         self.batches += 1
+        if len(self.members) > 1:  # only a one-projection stage's inputs are kept
+            self.kept = []
         self.seen, self.tensor, self.part, self.diverged = 0, None, None, False
 
     def forward_of(self, module: nn.Module) -> Callable:
@@ -206,6 +250,8 @@ class _Stage:
             return  # a batch took another path than the first: record only the first batch's stage
         if self.part is None:  # q/k/v (gate/up) share one computation of the tensor's contribution
             self.part = self.entries[key].contribution(x)
+            if self.run.can_stop and len(self.members) == 1:
+                self.kept.append(x)
         self.entries[key].add(self.part)
         self.seen += 1
 

@@ -140,3 +140,19 @@ def test_no_autograd_graph_is_built_while_calibrating():
     model.model.layers[1].register_forward_pre_hook(lambda _m, args: seen.append(args[0].requires_grad))
     prune_model(model, batches, PruningConfig(sparsity=SPARSITY, true_sequential=True), progress=False)
     assert seen and not any(seen)
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_the_attention_runs_once_per_batch_plus_two(arch, monkeypatch):
+    """o's stage keeps its inputs, so the next pass takes the attention's output from o on them instead of
+    running the attention again. Per layer: one attention call per batch (o's own pass), one on the first batch
+    of q/k/v's pass (which runs on until a projection outside the stage, to learn the stage's members) and one on
+    the first batch of the pass after o's (which checks that the attention returns o's output). Without the
+    shortcut the pass after o's ran the attention on every batch again."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or sdpa(*a, **k))  # fmt: skip
+    batches = random_batches(num=4)
+    model = _pruned(arch, batches, "wanda", True)
+    assert len(calls) == model.config.num_hidden_layers * (len(batches) + 2)

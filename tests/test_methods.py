@@ -96,6 +96,44 @@ def test_sparsegpt_exact_count_zeros_and_lower_reconstruction_error_than_wanda(b
     assert sparsegpt_error < 0.5 * wanda_error, (sparsegpt_error, wanda_error)
 
 
+def _reference_sparsegpt_walk(weight, x, block, per_row):
+    """The reference implementation's column walk (IST-DASLab ``fasterprune``), in float64, written here: per
+    block each row drops its ``per_row`` lowest ``w^2 / U_jj^2``, then column by column the pruned weight's error
+    is spread over the columns to its right through ``U``, the upper Cholesky factor of the damped inverse
+    Hessian."""
+    h = (x.t() @ x / x.shape[0]).double()
+    h += 0.01 * h.diag().mean() * torch.eye(h.shape[0], dtype=torch.float64)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    w = weight.double().clone()
+    keep = torch.ones_like(w, dtype=torch.bool)
+    for i1 in range(0, w.shape[1], block):
+        i2 = i1 + block
+        scores = w[:, i1:i2] ** 2 / u.diag()[i1:i2][None, :] ** 2
+        keep[:, i1:i2].scatter_(1, scores.argsort(dim=1)[:, :per_row], False)
+        for i in range(i1, i2):
+            e = torch.where(keep[:, i], 0.0, w[:, i]) / u[i, i]
+            w[:, i:] -= e[:, None] * u[i, i:][None, :]
+            w[:, i] = torch.where(keep[:, i], w[:, i], 0.0)
+    return keep, w
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.8])
+def test_sparsegpt_equals_the_reference_column_walk(sparsity):
+    """Every unstructured block is solved as a batch of triangular systems, not walked column by column: the
+    result must be the walk's to float32 rounding (float64 here; the column-by-column float32 walk this replaced
+    was as far from it, up to 2.5e-4 at 80%), masks identical."""
+    g = torch.Generator().manual_seed(11)
+    rows, cols, block = 96, 128, 32
+    weight = torch.randn(rows, cols, generator=g)
+    x = _correlated_inputs(512, cols, seed=12)
+    per_row = round(block * sparsity)
+    result = SparseGPT(blocksize=block).prune(weight, _stats(x, hessian=True), Unstructured("row"),
+                                              rows * per_row * (cols // block))  # fmt: skip
+    keep, expected = _reference_sparsegpt_walk(weight, x, block, per_row)
+    assert torch.equal(result.keep, keep)
+    torch.testing.assert_close(result.weight.double(), expected, rtol=1e-3, atol=1e-3)
+
+
 def test_sparsegpt_mask_scope_block_ranks_each_column_block_over_all_rows():
     """The reference code's mask: in the first column block (weights not yet updated) the pruned set is the lowest
     ``w^2 / [U]_jj^2`` over all rows, U the upper Cholesky factor of the damped inverse Hessian (computed here)."""

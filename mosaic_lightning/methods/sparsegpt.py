@@ -2,7 +2,9 @@
 
 Columns are walked in blocks; in each block the mask is chosen by ``w^2 / [H^-1]_jj^2`` (lazily per group of
 M columns for N:M, as in the reference implementation), and each pruned column's error is spread over the
-columns not yet visited through the inverse-Hessian's Cholesky factor.
+columns not yet visited through the inverse-Hessian's Cholesky factor. Where a block's mask is chosen before its
+walk (every unstructured pattern), the walk is computed as one triangular solve per row (batched), not column by
+column in Python: the same result up to float rounding, several times faster (``_solve_fixed_block``).
 
 Mask selection for unstructured patterns (``mask_scope``):
 
@@ -53,36 +55,60 @@ def sparsegpt_prune(
     weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, num_prune: int, blocksize: int, damp: float
 ) -> PruneResult:
     w = weight.detach().clone().float()
-    rows, cols = w.shape
     h_inv, dead = inverse_hessian_cholesky(hessian, damp)
     w[:, dead] = 0
     keep = torch.ones_like(w, dtype=torch.bool)
-    starts = list(range(0, cols, blocksize))
-    widths = [min(blocksize, cols - s) for s in starts]
+    starts = list(range(0, w.shape[1], blocksize))
+    widths = [min(blocksize, w.shape[1] - s) for s in starts]
     block_prunes = split_exact(num_prune, widths) if not isinstance(pattern, NM) else None
     for b, (i1, width) in enumerate(zip(starts, widths, strict=True)):
         i2 = i1 + width
-        w1 = w[:, i1:i2].clone()
-        q1 = torch.zeros_like(w1)
-        err1 = torch.zeros_like(w1)
         h1 = h_inv[i1:i2, i1:i2]
-        d = torch.diag(h1)
-        if block_prunes is not None:
-            keep[:, i1:i2] = pattern.keep_mask(w1**2 / d[None, :] ** 2, block_prunes[b])
-        for i in range(width):
-            if isinstance(pattern, NM) and i % pattern.m == 0:
-                group = slice(i, i + pattern.m)
-                scores = w1[:, group] ** 2 / d[None, group] ** 2
-                keep[:, i1 + i : i1 + i + pattern.m] = pattern.keep_mask(scores, rows * (pattern.m - pattern.n))
-            col = w1[:, i]
-            q = torch.where(keep[:, i1 + i], col, torch.zeros_like(col))
-            q1[:, i] = q
-            e = (col - q) / h1[i, i]
-            w1[:, i:] -= e[:, None] @ h1[i, i:][None, :]
-            err1[:, i] = e
+        if block_prunes is None:  # N:M: each group's mask is chosen when the walk reaches it
+            q1, err1 = _walk_nm_block(w[:, i1:i2].clone(), h1, pattern, keep[:, i1:i2])
+        else:
+            keep[:, i1:i2] = pattern.keep_mask(w[:, i1:i2] ** 2 / torch.diag(h1)[None, :] ** 2, block_prunes[b])
+            q1, err1 = _solve_fixed_block(w[:, i1:i2], keep[:, i1:i2], h1)
         w[:, i1:i2] = q1
         w[:, i2:] -= err1 @ h_inv[i1:i2, i2:]
     return PruneResult(keep=keep, weight=w.to(weight.dtype))
+
+
+def _walk_nm_block(w1: torch.Tensor, h1: torch.Tensor, pattern: NM, keep: torch.Tensor):
+    """The reference's column walk over one block, choosing each group of M columns' mask on arrival (written
+    into ``keep``, a view); the block's pruned weights and the error of each column."""
+    q1, err1 = torch.zeros_like(w1), torch.zeros_like(w1)
+    d = torch.diag(h1)
+    for i in range(w1.shape[1]):
+        if i % pattern.m == 0:
+            group = slice(i, i + pattern.m)
+            keep[:, group] = pattern.keep_mask(w1[:, group] ** 2 / d[None, group] ** 2,
+                                               w1.shape[0] * (pattern.m - pattern.n))  # fmt: skip
+        col = w1[:, i]
+        q1[:, i] = torch.where(keep[:, i], col, torch.zeros_like(col))
+        e = (col - q1[:, i]) / h1[i, i]
+        w1[:, i:] -= e[:, None] @ h1[i, i:][None, :]
+        err1[:, i] = e
+    return q1, err1
+
+
+def _solve_fixed_block(w1: torch.Tensor, keep: torch.Tensor, h1: torch.Tensor, rows_per_solve: int = 64):
+    """The column walk over one block whose mask is known, as one triangular solve per row.
+
+    The walk sets ``e_i = p_i (w_i - sum_{j<i} e_j U_ji) / U_ii`` (``p`` = pruned, ``U`` = the block's upper
+    Cholesky factor): for each row, ``e`` solves the lower-triangular system whose row ``i`` is ``U[:, i]^T``
+    where ``i`` is pruned and the unit row where it is kept (there ``e_i = 0``), right-hand side ``p w``. Solved
+    in batches of rows instead of ``width`` Python steps; the same arithmetic up to rounding order. The kept
+    weights end as the walk leaves them, ``w_i - sum_{j<i} e_j U_ji``."""
+    lower, eye = h1.t(), torch.eye(h1.shape[0], dtype=h1.dtype, device=h1.device)
+    err1 = torch.empty_like(w1)
+    for r in range(0, w1.shape[0], rows_per_solve):
+        pruned = ~keep[r : r + rows_per_solve]
+        system = torch.where(pruned[:, :, None], lower[None], eye[None])
+        rhs = (w1[r : r + rows_per_solve] * pruned)[:, :, None]
+        err1[r : r + rows_per_solve] = torch.linalg.solve_triangular(system, rhs, upper=False)[..., 0]
+    q1 = torch.where(keep, w1 - err1 @ torch.triu(h1, diagonal=1), torch.zeros_like(w1))
+    return q1, err1
 
 
 class SparseGPT(PruningMethod):

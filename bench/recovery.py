@@ -116,6 +116,15 @@ def _plot(results: dict, path: pathlib.Path, sparsity: float) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _earlier(args) -> dict:
+    """The results of ``--add-to``, refused if that run had another budget (its rows would not compare)."""
+    earlier = json.loads(pathlib.Path(args.add_to).read_text())
+    for key in ("sparsity", "steps", "eval_windows"):
+        if earlier["args"][key] != getattr(args, key):
+            raise SystemExit(f"--add-to {args.add_to}: {key}={earlier['args'][key]} there, {getattr(args, key)} here")
+    return {name: r for name, r in earlier["results"].items() if name not in args.runs.split(",")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsity", type=float, default=0.7)
@@ -125,10 +134,12 @@ def main() -> None:
     parser.add_argument("--runs", default=",".join(RUNS))
     parser.add_argument("--work", default="bench/out/recovery")
     parser.add_argument("--out", default="bench/out/recovery.json")
+    parser.add_argument("--add-to", default=None,
+                        help="an earlier run's JSON (same budget): its recipes join the table and the plot")
     args = parser.parse_args()
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    results = {}
+    results = _earlier(args) if args.add_to else {}
     for name in args.runs.split(","):
         results[name] = _run(name, args, pathlib.Path(args.work))
         print(json.dumps({name: {k: v for k, v in results[name].items() if k != "command"}}), flush=True)

@@ -202,6 +202,38 @@ def test_merge_false_keeps_the_peft_model_for_a_later_masked_merge():
     assert all(torch.equal(params[n] == 0, ~pruning.masks.masks[n]) for n in TARGET_PARAMS["llama"])
 
 
+class LogitsAtTrainEnd(L.Callback):
+    """The trained model's logits on fixed ids at train end, before LoRARecovery's merge (listed before it)."""
+
+    def __init__(self) -> None:
+        self.ids = random_batches(1, seed=9)[0]
+        self.logits: torch.Tensor | None = None
+
+    def on_train_end(self, trainer, pl_module):
+        pl_module.model.eval()  # GPT-2 has dropout
+        with torch.no_grad():
+            self.logits = pl_module.model(input_ids=self.ids).logits.clone()
+        pl_module.model.train()
+
+
+@pytest.mark.parametrize("builder", [make_llama, make_gpt2], ids=["llama", "gpt2-conv1d"])
+def test_masked_update_makes_the_merged_model_the_trained_one(builder):
+    """With the update trained through the masks, the merge changes nothing the model computes; with peft's
+    plain forward (masked_update=False) the merge cuts the update where the mask is zero and the logits move."""
+    moved = {}
+    for masked in (True, False):
+        spy, pruning = LogitsAtTrainEnd(), _pruning()
+        module = _fit([pruning, spy, LoRARecovery(r=R, alpha=ALPHA, masked_update=masked)], builder=builder,
+                      max_steps=4)  # fmt: skip
+        params = dict(module.model.named_parameters())
+        assert all(torch.equal(params[n] == 0, ~pruning.masks.masks[n]) for n in TARGET_PARAMS[module.model.config
+                   .model_type])  # fmt: skip
+        with torch.no_grad():
+            merged = module.model.eval()(input_ids=spy.ids).logits
+        moved[masked] = float((merged - spy.logits).abs().max())
+    assert moved[True] < 1e-5 < 1e-3 < moved[False], moved
+
+
 def test_lora_on_a_projection_that_was_not_pruned_fails():
     with pytest.raises(ValueError, match=r"targets=\['o'\].*does not prune: \['o'\].*pruned projections: \['k', 'q'\]"):
         _fit([_pruning(targets=["q", "k"]), LoRARecovery(targets=["o"])], max_steps=1)

@@ -6,6 +6,14 @@ zeros cannot move during training. Why a masked merge: a plain merge ``W + scale
 pruning; ``W + mask ⊙ (scale·BA)`` keeps every pruned weight (structured units included) at exactly zero. Since
 pruned entries of ``W`` are already zero, that is a plain merge followed by re-applying the pruning masks.
 
+Why a masked update while training (``masked_update=True``, the default): peft's forward adds the whole ``scale·BA``,
+so the adapter learns an update that the sparsity-keeping merge then cuts wherever the mask is zero; at 70% that
+discarded most of what LoRA had learnt (92.6 perplexity with the adapters, 115.2 after the merge: bench/RESULTS.md).
+Trained as ``x (W + mask ⊙ scale·BA)^T`` instead, the adapter learns only what the merge keeps, and the merged model
+is the trained one. The price: the update is formed as a weight-sized tensor per projection (``B A`` from the adapter
+modules applied to an identity, so ZeRO-3's hooks still gather them), one dense matmul more per projection and a
+weight-sized tensor per projection held for the backward pass; ``masked_update=False`` is peft's low-rank forward.
+
 Lifecycle (the same on one device, DDP and DeepSpeed ZeRO-2/3):
 
 * attach: in ``setup``, before the strategy wraps the model and builds the optimizer, so DDP's gradient
@@ -63,6 +71,8 @@ class LoRARecovery(L.Callback):
         merge: merge the adapter into the pruned weights at fit end (keeping every pruned zero) and unload, so
             ``pl_module.model`` is the plain HF model again. False keeps the ``PeftModel``; merge it later with
             :func:`merge_keeping_sparsity` (peft's own ``merge_and_unload`` would fill the pruned zeros).
+        masked_update: train the adapter's update through the pruning mask, so the merge keeps all of it (see the
+            module docstring); False: peft's cheaper low-rank forward, whose update the merge then cuts.
     """
 
     def __init__(
@@ -73,6 +83,7 @@ class LoRARecovery(L.Callback):
         targets: list[str] | None = None,
         adapter_dir: str | None = None,
         merge: bool = True,
+        masked_update: bool = True,
     ) -> None:
         super().__init__()
         self.r = _check_rank(r)
@@ -85,6 +96,9 @@ class LoRARecovery(L.Callback):
         if not isinstance(merge, bool):
             raise TypeError(f"merge={merge!r}; allowed values: True, False")
         self.merge = merge
+        if not isinstance(masked_update, bool):
+            raise TypeError(f"masked_update={masked_update!r}; allowed values: True, False")
+        self.masked_update = masked_update
         self.attached = False
         self.merged = False
         self._trainable: dict[str, bool] = {}  # base requires_grad flags, restored after unloading
@@ -102,6 +116,8 @@ class LoRARecovery(L.Callback):
         if not self.attached:  # else merge=False in an earlier fit: keep training the same adapter
             build_model_now(trainer, pl_module)
             self._attach(pl_module, pruning.config.targets, pruning.config.exclude)
+            if self.masked_update:
+                _train_through_masks(self._peft_model, pruning)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish(trainer, pl_module)
@@ -182,10 +198,11 @@ class LoRARecovery(L.Callback):
 
     # -- checkpointing: the adapter's weights are module weights; only the settings are checked here -------
     def state_dict(self) -> dict:
-        return {"r": self.r, "alpha": self.alpha, "targets": self.targets}
+        return {"r": self.r, "alpha": self.alpha, "targets": self.targets, "masked_update": self.masked_update}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        for name in ("r", "alpha", "targets"):
+        state_dict = {"masked_update": False, **state_dict}  # checkpoints from before the option trained unmasked
+        for name in ("r", "alpha", "targets", "masked_update"):
             if state_dict.get(name) != getattr(self, name):
                 raise ValueError(
                     f"LoRARecovery {name}={getattr(self, name)!r} differs from the checkpoint's "
@@ -221,6 +238,38 @@ def merge_keeping_sparsity(peft_model: nn.Module, masks: MaskStore, unload: bool
             weight = layer.get_base_layer().weight
             weight.data.masked_fill_(~masks.masks[weight_name].to(weight.device), 0)
     return peft_model.unload() if unload else peft_model
+
+
+def _train_through_masks(peft_model: nn.Module, pruning: MosaicPruning) -> None:
+    """Every LoRA layer's forward becomes ``base(x) + dropout(x) (mask ⊙ scale·BA)^T`` once ``pruning`` holds
+    masks (before that, during calibration, ``B = 0``: peft's own forward, which adds exactly zero)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, layer in peft_model.named_modules():
+        if isinstance(layer, LoraLayer):
+            layer.forward = _masked_forward(layer, layer.forward, canonical_name(f"{name}.weight"), pruning)
+
+
+def _masked_forward(layer: nn.Module, peft_forward, weight_name: str, pruning: MosaicPruning):
+    linear = isinstance(layer.get_base_layer(), nn.Linear)  # else GPT-2's Conv1D, whose weight is [in, out]
+    on_device: dict[torch.device, torch.Tensor] = {}
+
+    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if pruning.masks is None or layer.disable_adapters or layer.merged:
+            return peft_forward(x, *args, **kwargs)
+        result = layer.base_layer(x, *args, **kwargs)
+        if x.device not in on_device:  # the mask as [in, out], the layout x @ update needs
+            keep = pruning.masks.masks[weight_name].to(x.device)
+            on_device[x.device] = keep.t() if linear else keep
+        keep = on_device[x.device]
+        for adapter in [a for a in layer.active_adapters if a in layer.lora_A]:
+            lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
+            eye = torch.eye(lora_a.in_features, dtype=x.dtype, device=x.device)
+            update = lora_b(lora_a(eye)) * layer.scaling[adapter]  # (scale·BA)^T, [in, out]
+            result = result + (layer.lora_dropout[adapter](x) @ (update * keep)).to(result.dtype)
+        return result
+
+    return forward
 
 
 def _is_lora_key(name: str) -> bool:

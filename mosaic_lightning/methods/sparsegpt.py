@@ -92,23 +92,36 @@ def _walk_nm_block(w1: torch.Tensor, h1: torch.Tensor, pattern: NM, keep: torch.
     return q1, err1
 
 
-def _solve_fixed_block(w1: torch.Tensor, keep: torch.Tensor, h1: torch.Tensor, rows_per_solve: int = 64):
-    """The column walk over one block whose mask is known, as one triangular solve per row.
+def _solve_fixed_block(w1: torch.Tensor, keep: torch.Tensor, h1: torch.Tensor, width: int = 32):
+    """The column walk over one block whose mask is known, without a Python step per column.
 
     The walk sets ``e_i = p_i (w_i - sum_{j<i} e_j U_ji) / U_ii`` (``p`` = pruned, ``U`` = the block's upper
-    Cholesky factor): for each row, ``e`` solves the lower-triangular system whose row ``i`` is ``U[:, i]^T``
-    where ``i`` is pruned and the unit row where it is kept (there ``e_i = 0``), right-hand side ``p w``. Solved
-    in batches of rows instead of ``width`` Python steps; the same arithmetic up to rounding order. The kept
-    weights end as the walk leaves them, ``w_i - sum_{j<i} e_j U_ji``."""
-    lower, eye = h1.t(), torch.eye(h1.shape[0], dtype=h1.dtype, device=h1.device)
-    err1 = torch.empty_like(w1)
-    for r in range(0, w1.shape[0], rows_per_solve):
+    Cholesky factor, ``w`` the weights as the block began). Taken ``width`` columns at a time (the error of each
+    slice is spread over the columns after it by one matmul, as the blocks themselves are), each slice is a
+    triangular solve per row: ``e`` solves the lower-triangular system whose row ``i`` is ``U[:, i]^T`` where
+    ``i`` is pruned and the unit row where it is kept (there ``e_i = 0``), right-hand side ``p w``. The same
+    arithmetic as the walk up to rounding order; the kept weights end as the walk leaves them,
+    ``w_i - sum_{j<i} e_j U_ji``. Narrow slices keep the per-row systems (rows x width^2 values) small."""
+    w1 = w1.clone()
+    q1, err1 = torch.zeros_like(w1), torch.empty_like(w1)
+    for c1 in range(0, w1.shape[1], width):
+        cols = slice(c1, c1 + width)
+        err1[:, cols] = _solve_rows(w1[:, cols], keep[:, cols], h1[cols, cols])
+        q1[:, cols] = torch.where(keep[:, cols], w1[:, cols] - err1[:, cols] @ torch.triu(h1[cols, cols], 1), 0.0)
+        w1[:, c1 + width :] -= err1[:, cols] @ h1[cols, c1 + width :]
+    return q1, err1
+
+
+def _solve_rows(w: torch.Tensor, keep: torch.Tensor, u: torch.Tensor, rows_per_solve: int = 256) -> torch.Tensor:
+    """Per row, ``e`` with ``e_i = p_i (w_i - sum_{j<i} e_j u_ji) / u_ii`` (see ``_solve_fixed_block``)."""
+    lower, eye = u.t(), torch.eye(u.shape[0], dtype=u.dtype, device=u.device)
+    err = torch.empty_like(w)
+    for r in range(0, w.shape[0], rows_per_solve):
         pruned = ~keep[r : r + rows_per_solve]
         system = torch.where(pruned[:, :, None], lower[None], eye[None])
-        rhs = (w1[r : r + rows_per_solve] * pruned)[:, :, None]
-        err1[r : r + rows_per_solve] = torch.linalg.solve_triangular(system, rhs, upper=False)[..., 0]
-    q1 = torch.where(keep, w1 - err1 @ torch.triu(h1, diagonal=1), torch.zeros_like(w1))
-    return q1, err1
+        rhs = (w[r : r + rows_per_solve] * pruned)[:, :, None]
+        err[r : r + rows_per_solve] = torch.linalg.solve_triangular(system, rhs, upper=False)[..., 0]
+    return err
 
 
 class SparseGPT(PruningMethod):

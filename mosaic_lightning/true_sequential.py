@@ -155,33 +155,12 @@ class TrueSequentialRun:
         return sealed
 
     def _shortcut(self, submodule: nn.Module, stack: ExitStack) -> None:
-        """If a projection of ``submodule`` has kept inputs, the submodule runs as that projection on them for
-        every batch but the first, once the first batch has shown that the submodule returns what it returns."""
-        last = [m for m in submodule.modules() if id(m) in self.kept_inputs]
-        if not last or not self.can_stop:
-            return
-        projection, kept, full_forward = last[0], self.kept_inputs[id(last[0])], submodule.forward
-        seen: list = []
-        shape: dict[str, tuple | None] = {}  # learnt from the first batch: the output's structure, or None
-
-        def forward(*args, **kwargs):
-            if self.batch > 0 and shape.get("rest") is not None:
-                out = projection(kept[self.batch])
-                return (out, *shape["rest"]) if shape["tuple"] else out
-            out = full_forward(*args, **kwargs)
-            if self.batch == 0:
-                shape["tuple"] = isinstance(out, tuple)
-                rest = tuple(out[1:]) if shape["tuple"] else ()
-                own = len(seen) == 1 and first_output(out) is seen[0]
-                shape["rest"] = rest if own and all(r is None for r in rest) else None
-            return out
-
-        def record(_module, _args, out):
-            if self.batch == 0:
-                seen.append(out)
-
-        stack.callback(projection.register_forward_hook(record).remove)
-        stack.enter_context(_forward_replaced(submodule, forward))
+        """If a projection of ``submodule`` has kept inputs, the submodule may run as that projection on them."""
+        inner = [m for m in submodule.modules() if id(m) in self.kept_inputs]
+        if inner and self.can_stop:
+            shortcut = _Shortcut(self, submodule.forward, inner[0], self.kept_inputs[id(inner[0])])
+            stack.callback(inner[0].register_forward_hook(shortcut.record).remove)
+            stack.enter_context(_forward_replaced(submodule, shortcut.forward))
 
     def _replay(self, key: int) -> Callable:
         def forward(*_args, **_kwargs):
@@ -195,6 +174,34 @@ class TrueSequentialRun:
                 self.cache[key].append(_copied(output))
 
         return hook
+
+
+class _Shortcut:
+    """A sealed submodule's forward for one pass: the full forward on the first batch, which shows whether the
+    submodule returns its projection's output (the same tensor object, beside nothing but ``None``); if so, for
+    every later batch, the projection on its kept input, in the same structure."""
+
+    def __init__(self, run: TrueSequentialRun, full_forward: Callable, projection: nn.Module, kept: list) -> None:
+        self.run, self.full_forward, self.projection, self.kept = run, full_forward, projection, kept
+        self.seen: list = []  # the projection's outputs in the first batch
+        self.rest: tuple | None = None  # what the submodule returns beside that output, once shown to be Nones
+        self.as_tuple = False
+
+    def record(self, _module, _args, output) -> None:
+        if self.run.batch == 0:
+            self.seen.append(output)
+
+    def forward(self, *args, **kwargs):
+        if self.run.batch > 0 and self.rest is not None:
+            out = self.projection(self.kept[self.run.batch])
+            return (out, *self.rest) if self.as_tuple else out
+        out = self.full_forward(*args, **kwargs)
+        if self.run.batch == 0:
+            self.as_tuple = isinstance(out, tuple)
+            rest = tuple(out[1:]) if self.as_tuple else ()
+            own = len(self.seen) == 1 and first_output(out) is self.seen[0]
+            self.rest = rest if own and all(r is None for r in rest) else None
+        return out
 
 
 class _Stage:
@@ -251,7 +258,7 @@ class _Stage:
         if self.part is None:  # q/k/v (gate/up) share one computation of the tensor's contribution
             self.part = self.entries[key].contribution(x)
             if self.run.can_stop and len(self.members) == 1:
-                self.kept.append(x)
+                self.kept.append(x.detach().clone())  # a copy: the block may write into x after the probe
         self.entries[key].add(self.part)
         self.seen += 1
 

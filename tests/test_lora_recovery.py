@@ -286,6 +286,8 @@ def test_resume_with_other_adapter_settings_fails(tmp_path):
     ckpt = tmp_path / "epoch=0-step=4.ckpt"
     with pytest.raises(ValueError, match=r"alpha=4.0 differs from the checkpoint's alpha=8.0"):
         _fit([_pruning(), LoRARecovery(r=R, alpha=4.0)], max_steps=8, ckpt_path=ckpt)
+    with pytest.raises(ValueError, match=r"masked_update=False differs from the checkpoint's masked_update=True"):
+        _fit([_pruning(), LoRARecovery(r=R, alpha=ALPHA, masked_update=False)], max_steps=8, ckpt_path=ckpt)
     # Another rank changes the adapter's shapes: the module weights refuse to load, naming the tensor.
     with pytest.raises(RuntimeError, match=r"lora_A.*torch.Size\(\[4, 64\]\) from checkpoint.*torch.Size\(\[8, 64\]\)"):
         _fit([_pruning(), LoRARecovery(r=8, alpha=ALPHA)], max_steps=8, ckpt_path=ckpt)
@@ -303,6 +305,7 @@ BAD_ARGS = [
     ({"targets": ["query"]}, "targets item 'query'; allowed short names: ['q', 'k', 'v', 'o', 'gate', 'up', 'down']"),
     ({"targets": ["model.layers.(0"]}, "targets item 'model.layers.(0' is not a valid regular expression"),
     ({"merge": "yes"}, "merge='yes'"),
+    ({"masked_update": "yes"}, "masked_update='yes'"),
 ]
 
 

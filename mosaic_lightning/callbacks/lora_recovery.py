@@ -264,9 +264,10 @@ def _masked_forward(layer: nn.Module, peft_forward, weight_name: str, pruning: M
         keep = on_device[x.device]
         for adapter in [a for a in layer.active_adapters if a in layer.lora_A]:
             lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
-            eye = torch.eye(lora_a.in_features, dtype=x.dtype, device=x.device)
+            eye = torch.eye(lora_a.in_features, dtype=lora_a.weight.dtype, device=x.device)  # as peft casts x
             update = lora_b(lora_a(eye)) * layer.scaling[adapter]  # (scale·BA)^T, [in, out]
-            result = result + (layer.lora_dropout[adapter](x) @ (update * keep)).to(result.dtype)
+            lora_x = layer.lora_dropout[adapter](x).to(update.dtype)
+            result = result + (lora_x @ (update * keep)).to(result.dtype)
         return result
 
     return forward

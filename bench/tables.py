@@ -31,6 +31,24 @@ def quality(name: str) -> None:
         )
 
 
+def accuracy(name: str = "accuracy") -> None:
+    """``bench/quality.py --suite accuracy --tasks ...``: lm-eval's acc / acc_norm (± stderr) per row and task."""
+    data = _load(name)
+    if data is None:
+        return
+    tasks = list(data["results"][0]["tasks"])
+    print(f"\n### {name} ({json.dumps(data['args'])})\n")
+    print("| model | removed | structural share | perplexity | " + " | ".join(f"{t} acc | {t} acc_norm" for t in tasks)
+          + " |")  # fmt: skip
+    print("| --- " * (4 + 2 * len(tasks)) + "|")
+    for r in data["results"]:
+        label = "dense" if r["method"] == "dense" else f"{r['method']} + {r['allocation']}"
+        scores = [r["tasks"][t] for t in tasks]
+        cells = [f"{v[m]:.3f} ± {v[m + '_stderr']:.3f}" for v in scores for m in ("acc", "acc_norm")]
+        print(f"| {label} | {r['sparsity']:.0%} | {r.get('structured_share', 0):.3f} | {r['ppl']:.2f} | "
+              + " | ".join(cells) + " |")  # fmt: skip
+
+
 def speed() -> None:
     data = _load("speed")
     if data is None:
@@ -87,6 +105,7 @@ def training() -> None:
 if __name__ == "__main__":
     quality("quality")
     quality("composite")
+    accuracy()
     speed()
     inference()
     training()

@@ -127,3 +127,21 @@ def test_resumed_distillation_equals_the_uninterrupted_run(tiny_model_dir, tmp_p
 def test_bad_training_options_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field.replace("(", r"\(")):
         CausalLM(**kwargs)
+
+
+def test_linear_lr_decay_holds_under_admm_step_wrapper(tiny_model_dir):
+    """ADMM adds its penalty inside the optimizer's step (after clipping); the linear schedule must still step
+    (Lightning warns that the step was overridden after the scheduler was built)."""
+    from mosaic_lightning.schedules import ADMM
+
+    module = CausalLM(str(tiny_model_dir), learning_rate=2e-4, lr_schedule="linear")
+    pruning = MosaicPruning(sparsity=0.5, method="magnitude", allocation="uniform", schedule=ADMM(projection_every=2),
+                            verbose=False)  # fmt: skip
+    seen = []
+
+    class _Lr(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen.append(optimizer.param_groups[0]["lr"])
+
+    _trainer([pruning, _Lr()], max_steps=4).fit(module, _loader())
+    assert seen == pytest.approx([2e-4 * (1 - s / 4) for s in range(4)])

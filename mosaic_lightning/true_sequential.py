@@ -155,9 +155,10 @@ class TrueSequentialRun:
         return sealed
 
     def _shortcut(self, submodule: nn.Module, stack: ExitStack) -> None:
-        """If a projection of ``submodule`` has kept inputs, the submodule may run as that projection on them."""
+        """If a projection of ``submodule`` has kept inputs (never under ZeRO-3: the probes keep none there), the
+        submodule may run as that projection on them."""
         inner = [m for m in submodule.modules() if id(m) in self.kept_inputs]
-        if inner and self.can_stop:
+        if inner:
             shortcut = _Shortcut(self, submodule.forward, inner[0], self.kept_inputs[id(inner[0])])
             stack.callback(inner[0].register_forward_hook(shortcut.record).remove)
             stack.enter_context(_forward_replaced(submodule, shortcut.forward))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,7 +27,7 @@ from .calibration import BlockInputs, capture_block_inputs, collect_statistics, 
 from .residency import BlockResidency
 from .stats import InputStatistics
 from .true_sequential import TrueSequentialRun
-from .zero import gathered
+from .zero import gathered, is_partitioned
 
 if TYPE_CHECKING:
     from .patterns import Pattern
@@ -333,6 +333,39 @@ def parameter_values(
                 values[proj.weight] = proj.weight.data.clone()
         edit(proj, proj.view_of(values[proj.weight]))
     return values
+
+
+@contextmanager
+def edited_weights(projections: Sequence[Projection], edit: Callable[[Projection, torch.Tensor], None]):
+    """Run with ``edit(proj, view)`` applied in place to every projection's ``[out, in]`` weights, restored exactly
+    on exit: for whole-model runs under candidate weights (a search's fitness).
+
+    Modules are edited one at a time (under ZeRO-3 inside a gather of that module alone, every rank writing the
+    same, rank 0's values re-partitioned). What is held meanwhile is each edited parameter's original value:
+    the whole tensor, or under ZeRO-3 only this rank's partition, which is also what the restore writes back,
+    so the whole model is never gathered on one rank.
+    """
+    by_module: dict[nn.Module, list[Projection]] = {}
+    for proj in projections:
+        by_module.setdefault(proj.module, []).append(proj)
+    saved: dict[nn.Parameter, torch.Tensor] = {}
+    try:
+        for module, parts in by_module.items():
+            for param in {id(p.weight): p.weight for p in parts}.values():
+                saved[param] = _local_values(param).detach().clone()
+            with gathered(module, modify=True), torch.no_grad():
+                for proj in parts:
+                    edit(proj, proj.view_of(proj.weight.data))
+        yield
+    finally:
+        with torch.no_grad():
+            for param, value in saved.items():
+                _local_values(param).copy_(value)
+
+
+def _local_values(param: nn.Parameter) -> torch.Tensor:
+    """What this rank holds of a parameter: its ZeRO-3 partition, or the whole tensor."""
+    return param.ds_tensor.data if is_partitioned(param) else param.data
 
 
 def write_result(view: torch.Tensor, result: PruneResult) -> None:

@@ -47,6 +47,24 @@ def _pruned_nonzero(weights: dict[str, torch.Tensor], masks: dict[str, torch.Ten
 
 def _check_ranks(ranks: list[dict], stage: int, method: str, allocation: str, true_sequential: bool = False) -> None:
     """Everything a 2-rank ZeRO run must hold, whatever the options."""
+    _check_ranks_agree(ranks, stage)
+    # One process calibrated on the union of both ranks' batches reaches the same masks.
+    sys.path.insert(0, str(SCRIPT.parent))
+    from ddp_prune import calibration
+
+    torch.manual_seed(0)
+    config = PruningConfig(0.5, method, allocation, true_sequential=true_sequential)
+    single = prune_model(make_llama(), calibration(), config, progress=False)
+    masks = ranks[0]["masks"]
+    agree = sum(int((single.masks.masks[n] == k).sum()) for n, k in masks.items())
+    total = sum(k.numel() for k in masks.values())
+    floor = 0.99 if method == "sparsellm" else 0.999  # summation order moves ~1% of SparseLLM's masks: test_distributed
+    assert agree / total > floor, f"only {agree}/{total} mask entries agree with the single-process run"
+
+
+def _check_ranks_agree(ranks: list[dict], stage: int) -> None:
+    """Partitioned (ZeRO-3), the same masks on both ranks, pruned entries zero in the visible weights, the fp32
+    master and the Adam moments, before and after training, and training moved the kept weights alike."""
     masks = ranks[0]["masks"]
     assert all(r["world_size"] == 2 and r["engine_type"] == "DeepSpeedEngine" for r in ranks)
     part = ranks[0]["partition"]
@@ -70,18 +88,6 @@ def _check_ranks(ranks: list[dict], stage: int, method: str, allocation: str, tr
     for name in masks:
         torch.testing.assert_close(ranks[1]["trained"]["visible"][name], ranks[0]["trained"]["visible"][name],
                                    rtol=0, atol=0)  # fmt: skip
-
-    # One process calibrated on the union of both ranks' batches reaches the same masks.
-    sys.path.insert(0, str(SCRIPT.parent))
-    from ddp_prune import calibration
-
-    torch.manual_seed(0)
-    config = PruningConfig(0.5, method, allocation, true_sequential=true_sequential)
-    single = prune_model(make_llama(), calibration(), config, progress=False)
-    agree = sum(int((single.masks.masks[n] == k).sum()) for n, k in masks.items())
-    total = sum(k.numel() for k in masks.values())
-    floor = 0.99 if method == "sparsellm" else 0.999  # summation order moves ~1% of SparseLLM's masks: test_distributed
-    assert agree / total > floor, f"only {agree}/{total} mask entries agree with the single-process run"
 
 
 @pytest.mark.parametrize(
@@ -108,6 +114,36 @@ def test_deepspeed_zero3_true_sequential(tmp_path):
     """Under ZeRO-3 the staged passes cannot stop early (DeepSpeed's gathers); they run on, with the same masks."""
     ranks = _run(tmp_path, 3, "sparsegpt", "uniform", "true_sequential")
     _check_ranks(ranks, 3, "sparsegpt", "uniform", true_sequential=True)
+
+
+def test_deepspeed_zero3_msp_search(tmp_path):
+    """MSP under ZeRO-3: the Fisher pass from activations (no rank holds a whole weight), the fitness with one
+    module gathered at a time; the same sensitivities as one process on the union of the batches, the same search
+    on both ranks, and the exact weighted mean."""
+    from mosaic_lightning.adapters import ModelAdapter
+    from mosaic_lightning.allocation import AllocationContext
+    from mosaic_lightning.allocation.msp import fisher_trace
+
+    ranks = _run(tmp_path, 3, "wanda", "msp")
+    _check_ranks_agree(ranks, 3)
+    assert ranks[0]["allocation"]["best"] == ranks[1]["allocation"]["best"]
+    assert ranks[0]["allocation"]["history"] == ranks[1]["allocation"]["history"]
+    sys.path.insert(0, str(SCRIPT.parent))
+    from ddp_prune import calibration
+
+    torch.manual_seed(0)
+    model = make_llama()
+    single = fisher_trace(AllocationContext(model, ModelAdapter(model), calibration(), progress=False), [0, 1], 8)
+    assert ranks[0]["allocation"]["fisher_trace"] == pytest.approx(single, rel=1e-5)
+    first = ranks[0]["allocation"]["history"][0]
+    assert first["mean"] > first["best"]  # candidates' masks were really applied: their fitness differs
+    masks = ranks[0]["masks"]
+    pruned = sum(int((~k).sum()) for k in masks.values())
+    assert pruned == round(0.5 * sum(k.numel() for k in masks.values()))
+    dense = dict(model.named_parameters())  # Wanda keeps weights as they are: the search restored them exactly
+    for name, keep in masks.items():
+        torch.testing.assert_close(ranks[0]["pruned"]["visible"][name][keep], dense[name].detach()[keep],
+                                   rtol=0, atol=0)  # fmt: skip
 
 
 @pytest.mark.parametrize(("stage", "method", "allocation"), [(2, "sparsegpt", "mosaic"), (3, "wanda", "uniform")])

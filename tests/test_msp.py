@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_llama, random_batches
+from conftest import make_gpt2, make_llama, random_batches
 
 from mosaic_lightning import PruningConfig, prune_model
 from mosaic_lightning.adapters import ModelAdapter
@@ -14,10 +14,14 @@ from mosaic_lightning.allocation.msp import fisher_trace
 
 LAYER_PARAMS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+GPT2_LAYER_PARAMS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # Conv1D, q/k/v fused in c_attn
 
 
-def test_fisher_trace_equals_squared_gradients_summed_by_hand():
-    model, batches = make_llama(), random_batches(3)
+@pytest.mark.parametrize(("build", "blocks", "paths"),
+                         [(make_llama, lambda m: m.model.layers, LAYER_PARAMS),
+                          (make_gpt2, lambda m: m.transformer.h, GPT2_LAYER_PARAMS)])  # fmt: skip
+def test_fisher_trace_equals_squared_gradients_summed_by_hand(build, blocks, paths):
+    model, batches = build(), random_batches(3)
     context = AllocationContext(model, ModelAdapter(model), batches, progress=False)
     got = fisher_trace(context, [0, 1], max_batches=3)
     expected = [0.0, 0.0]
@@ -25,11 +29,13 @@ def test_fisher_trace_equals_squared_gradients_summed_by_hand():
         model.zero_grad()
         model(input_ids=ids, labels=ids).loss.backward()
         for layer in range(2):
-            for path in LAYER_PARAMS:
-                grad = model.model.layers[layer].get_submodule(path).weight.grad
+            for path in paths:
+                grad = blocks(model)[layer].get_submodule(path).weight.grad
                 expected[layer] += float(grad.double().square().sum())
     assert got == pytest.approx(expected, rel=1e-6)
     assert expected[0] != pytest.approx(expected[1])
+    model.requires_grad_(False)  # frozen weights (a LoRA base): the same trace, from activations alone
+    assert fisher_trace(context, [0, 1], max_batches=3) == pytest.approx(expected, rel=1e-6)
 
 
 def _run(seed: int = 0, sparsity: float = 0.6):

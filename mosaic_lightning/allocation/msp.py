@@ -4,9 +4,10 @@ No public code exists; the seeds give the idea (layer sensitivity = trace of the
 evolutionary search over per-layer sparsities). Every choice below is ours where the paper is silent:
 
 - **Sensitivity** ``F_l`` = sum over the calibration batches of the squared gradients of the causal-LM loss with
-  respect to layer ``l``'s targeted weights (the trace of the empirical Fisher), from ordinary backward passes
-  of the whole model on up to ``fisher_batches`` batches; summed over ranks under DDP. Existing ``.grad`` values
-  are saved and restored, so a run in the middle of training is not disturbed.
+  respect to layer ``l``'s targeted weights (the trace of the empirical Fisher), from backward passes of the
+  whole model on up to ``fisher_batches`` batches; summed over ranks under DDP and ZeRO. Each weight gradient is
+  formed from the projection's input and output gradient (hooks), never in ``.grad``: a run in the middle of
+  training is not disturbed, frozen weights work, and under ZeRO-3 no rank needs a whole weight.
 - **Search space**: one sparsity per layer (all its targeted projections share it), within ``[min_sparsity,
   max_sparsity]``, with the parameter-weighted mean exactly the target for every individual. With the
   ``mixed:M`` pattern every layer's sparsity is a whole number of ``1/M`` steps (its projections keep ``N`` of
@@ -25,12 +26,12 @@ evolutionary search over per-layer sparsities). Every choice below is ours where
   counts, from dense statistics measured once (one layer-streamed pass: the column norms). What is reused: the
   dense statistics for every candidate; what is approximated: reconstruction methods (SparseGPT, SparseLLM) are
   scored mask-only (their ``scores``, no weight update) during the search, and prune fully once the best
-  individual is chosen. Weights are swapped in and restored for each candidate; the model is unchanged after.
+  individual is chosen. Each candidate's masks are applied in place one module at a time and the weights restored
+  exactly (under ZeRO-3 one module gathered at a time, and each rank keeps only its own partitions' originals);
+  the model is unchanged after.
 - Population, generations, mutation and the seed are arguments; the search is reproducible for a fixed seed
   (one ``torch.Generator``). A progress bar runs per generation; the report gets the sensitivities, the best
   individual, the fitness history and every individual of every generation.
-
-Not supported: DeepSpeed ZeRO-3 (the Fisher pass reads ``.grad`` of whole parameters) -- refused.
 """
 
 from __future__ import annotations
@@ -41,12 +42,10 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ..block import parameter_values
-from ..calibration import swapped_weights
+from ..block import edited_weights
 from ..evaluation import perplexity
 from ..patterns import MixedNM
 from ..validation import check_int, check_open_unit
-from ..zero import is_partitioned
 from .base import Allocation, AllocationContext, Budget, count_quanta, exact_counts
 
 
@@ -98,8 +97,6 @@ class MSP(Allocation):
                 f"allocation msp searches per-layer sparsities; pattern={config.pattern!r} fixes them: use an "
                 "unstructured pattern, or 'mixed:M' for N:M with N chosen per layer"
             )
-        if any(is_partitioned(p.weight) for p in context.projections):
-            raise ValueError("allocation msp reads whole-parameter gradients: DeepSpeed ZeRO-3 is not supported")
         layers = sorted({p.layer for p in context.projections})
         sizes = [sum(p.numel for p in context.projections if p.layer == layer) for layer in layers]
         _check_mixed_grid(config.build_pattern(), sizes, target)
@@ -112,29 +109,52 @@ class MSP(Allocation):
 
 
 def fisher_trace(context: AllocationContext, layers: list[int], max_batches: int) -> list[float]:
-    """Per layer: the summed squared gradients of the LM loss w.r.t. its targeted weights (``[out, in]`` views)."""
+    """Per layer: the summed squared gradients of the LM loss w.r.t. its targeted weights (``[out, in]`` views).
+
+    Each projection's weight gradient is formed from its recorded input and the gradient of its output (``g^T x``
+    summed over tokens, as autograd would form it), and the backward pass runs to the embedding output only: no
+    parameter's ``.grad`` is read or written, so a run in the middle of training is not disturbed, and under
+    DeepSpeed ZeRO-3, where each rank holds a slice of every weight, nothing whole is needed but activations.
+    """
     model = context.model
-    params = list({id(p.weight): p.weight for p in context.projections}.values())
-    saved = {id(p): (p.grad, p.requires_grad) for p in params}
+    by_module: dict[int, list] = {}
+    for proj in context.projections:
+        by_module.setdefault(id(proj.module), []).append(proj)
     totals = torch.zeros(len(layers), dtype=torch.float64)
+    inputs: dict[int, torch.Tensor] = {}
+    embedded: list[torch.Tensor] = []
+
+    def keep_embedding(_module, _args, output: torch.Tensor) -> torch.Tensor:
+        output = output if output.requires_grad else output.detach().requires_grad_(True)
+        embedded.append(output)
+        return output
+
+    def record(module, args, output: torch.Tensor) -> None:
+        key = id(module)
+        inputs[key] = args[0].detach()
+        output.register_hook(lambda grad: add_squared_gradient(key, grad))
+
+    def add_squared_gradient(key: int, grad_output: torch.Tensor) -> None:
+        x = inputs.pop(key)
+        gradient = grad_output.reshape(-1, grad_output.shape[-1]).double().t() @ x.reshape(-1, x.shape[-1]).double()
+        for proj in by_module[key]:  # ``gradient`` is [out, in]; the parameter's own layout may be its transpose
+            view = proj.view_of(gradient.t() if proj.transposed else gradient)
+            totals[layers.index(proj.layer)] += float(view.square().sum())
+
+    modules = {id(p.module): p.module for p in context.projections}
+    handles = [context.model.get_input_embeddings().register_forward_hook(keep_embedding)]
+    handles += [module.register_forward_hook(record) for module in modules.values()]
     try:
-        for param in params:
-            param.grad = None
-            param.requires_grad_(True)
         for input_ids in context.batches[:max_batches]:
-            ids = input_ids.to(params[0].device)
+            ids = input_ids.to(model.get_input_embeddings().weight.device)
+            embedded.clear()
             with torch.enable_grad():
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-            by_param = {id(p): g for p, g in zip(params, grads, strict=True)}
-            for proj in context.projections:
-                grad = by_param[id(proj.weight)]
-                if grad is not None:
-                    totals[layers.index(proj.layer)] += float(proj.view_of(grad).double().square().sum())
+                torch.autograd.grad(loss, embedded)
+            inputs.clear()
     finally:
-        for param in params:
-            param.grad, requires = saved[id(param)]
-            param.requires_grad_(requires)
+        for handle in handles:
+            handle.remove()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
     return totals.tolist()
@@ -264,11 +284,10 @@ class _Search:
         counts = exact_counts(sizes, wanted, self.target, self.low, self.high, quanta=quanta)
 
         def prune(proj, view: torch.Tensor) -> None:
-            scores = config.method.scores(proj.weight_view().detach(), _ColumnNorms(self.norms[proj.key]))
+            scores = config.method.scores(view, _ColumnNorms(self.norms[proj.key]))
             view.masked_fill_(~pattern.keep_mask(scores, counts[proj.key]), 0)
 
-        values = parameter_values(projections, prune)
-        with swapped_weights(values):
+        with edited_weights(projections, prune):
             value = perplexity(self.context.model, self.fitness_batches, progress=False)
         return _mean_over_ranks(value)
 

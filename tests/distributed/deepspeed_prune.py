@@ -108,6 +108,7 @@ def main(out: Path, stage: int, method: str, allocation: str, flags: set[str]) -
         "trained": _snapshot(trainer, module, callback.masks.masks),
         "offload": bool(getattr(optimizer, "cpu_offload", False) or getattr(optimizer, "offload_optimizer", False)),
         "engine_type": type(trainer.strategy.deepspeed_engine).__name__,
+        "allocation": callback.report.allocation,
     }
     if "resume" in flags:
         ckpt = out / "zero.ckpt"

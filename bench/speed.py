@@ -5,7 +5,7 @@
 
 A kind is a method (``wanda``), optionally ``-dense`` (non-sequential) or ``-ts`` (true-sequential: each
 projection calibrated with the ones before it pruned, about one pass per block), and ``@allocation`` (default
-uniform);
+uniform; ``structprune`` runs structured only, as its recipe: ``structprune@energy``);
 ``stream:`` before it prunes streamed from the bundled model's safetensors file into a temporary export
 (``prune_streamed``: its time includes reading the blocks and writing the export shards).
 
@@ -80,8 +80,9 @@ def _config(kind: str):
     method, _, variant = spec.partition("-")
     if variant not in ("", "dense", "ts"):
         raise SystemExit(f"kind {kind!r}: variant {variant!r}; allowed: dense, ts")
+    structured = 1.0 if method == "structprune" else 0.0  # StructPrune removes whole units only
     return PruningConfig(0.5, method, allocation or "uniform", sequential=variant != "dense",
-                         true_sequential=variant == "ts")  # fmt: skip
+                         true_sequential=variant == "ts", structured_fraction=structured)  # fmt: skip
 
 
 def _measure_streamed(kind: str, batches: list[torch.Tensor]) -> dict:

@@ -74,6 +74,12 @@ class Plan:
     removals: dict[str, int] = field(default_factory=dict)  # unit group key -> units to remove
     allocation: dict = field(default_factory=dict)  # what the allocation measured or searched (report)
 
+    def to_dict(self) -> dict:
+        """What a resumable streamed run saves (JSON): all but the unit groups, which a streamed run never has
+        (it is unstructured: ``check_streamable``); ``Plan(**saved)`` restores it."""
+        return {"counts": self.counts, "unstructured": self.unstructured, "ratios": self.ratios,
+                "removals": self.removals, "allocation": self.allocation}  # fmt: skip
+
 
 def prune_model(
     model: nn.Module,
@@ -102,11 +108,12 @@ def prune_model(
     _check_token_ids(batches, model)
     report = PruningReport(config=config.to_dict())
     clock = time.perf_counter()
-    plan = plan_pruning(model, adapter, batches, config, progress, residency)
+    start = start or StartPoint()
+    plan = start.plan or plan_pruning(model, adapter, batches, config, progress, residency)
     report.timings["profile"] = time.perf_counter() - clock
     clock = time.perf_counter()
     with _eval_mode(model):
-        pruned = _sequential_prune(model, adapter, batches, config, plan, progress, residency, start or StartPoint())
+        pruned = _sequential_prune(model, adapter, batches, config, plan, progress, residency, start)
     report.timings["prune"] = time.perf_counter() - clock
     masks = MaskStore()
     if not residency.commits_each_block:
@@ -123,11 +130,13 @@ def prune_model(
 @dataclass
 class StartPoint:
     """Where the block loop begins: block ``layer`` with these calibration hidden states (None: from the
-    embeddings), the report rows of the blocks before it already made."""
+    embeddings), the report rows of the blocks before it already made, and the plan they were pruned to (None:
+    plan now; a resumed run reuses its saved plan, so the allocation's profile pass is not repeated)."""
 
     layer: int = 0
     hidden: list[torch.Tensor] | None = None
     rows: list[ProjectionReport] = field(default_factory=list)
+    plan: Plan | None = None
 
 
 @dataclass
@@ -241,7 +250,7 @@ def _sequential_prune(
                 masks = _commit(adapter, pruned.pending, adapter.projections(layer))
                 rows = [_report_row(adapter, p, masks, plan, pruned.seconds) for p in adapter.projections(layer)]
                 pruned.rows.extend(rows)
-                residency.save(layer, hidden, pruned.rows)
+                residency.save(layer, hidden, pruned.rows, plan)
                 _forget(pruned.pending, adapter.projections(layer))
         finally:
             residency.unload(layer)

@@ -41,9 +41,10 @@ class BlockResidency:
         if layer in self._home:
             self.adapter.blocks[layer].to(self._home.pop(layer))
 
-    def save(self, layer: int, next_hidden: list[torch.Tensor] | None, rows: list) -> None:
+    def save(self, layer: int, next_hidden: list[torch.Tensor] | None, rows: list, plan) -> None:
         """Called, with ``commits_each_block``, once block ``layer`` holds its result: with the next block's
-        calibration inputs (None if none were computed) and the report rows so far, for a resumable run."""
+        calibration inputs (None if none were computed), the report rows so far and the engine's ``Plan``, for a
+        resumable run."""
 
     def inputs_to_device(self, value):
         """``value`` (a tensor, or tuples/lists/dicts of them, as a block's arguments are) on the device."""

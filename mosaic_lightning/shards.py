@@ -188,7 +188,7 @@ def _numel(shape: list[int]) -> int:
 class StreamedBlocks(BlockResidency):
     """Each block read from the source shards onto the execution device on ``load``, its pruned tensors written
     to its own output shard by ``save``, and freed (back to ``meta``) on ``unload``: the blocks never all sit in
-    memory. ``on_saved(layer, next_hidden, rows)`` records progress for a resumable run."""
+    memory. ``on_saved(layer, next_hidden, rows, plan)`` records progress for a resumable run."""
 
     commits_each_block = True
 
@@ -206,10 +206,10 @@ class StreamedBlocks(BlockResidency):
             self.streamed.load_block(layer, self.execution_device)
             self.loaded = layer
 
-    def save(self, layer: int, next_hidden, rows) -> None:
+    def save(self, layer: int, next_hidden, rows, plan) -> None:
         self.writer.write(block_shard(layer), self.streamed.block_state(layer))
         if self.on_saved is not None:
-            self.on_saved(layer, next_hidden, rows)
+            self.on_saved(layer, next_hidden, rows, plan)
 
     def unload(self, layer: int) -> None:
         if self.loaded == layer:

@@ -10,9 +10,9 @@ Resumable: the export is written into ``.<export_dir name>.partial`` beside ``ex
 its shard, the next block's calibration inputs and the report rows so far are saved there (``progress.json``
 last, so a kill between files leaves the previous block's state). The same command again continues after the
 last block saved, when its settings and calibration tokens are the same (else it refuses, naming the folder).
-An allocation that profiles the dense model first (owl, mosaic) repeats that pass on resume (it is
-deterministic, so the plan is the same). When every block is done the index, config, tokenizer and report are
-added and the folder is renamed to ``export_dir``.
+The plan (every projection's count, from the allocation's profile of the dense model: owl, mosaic) is saved
+with the first block, so a resumed run does not repeat the profile pass. When every block is done the index,
+config, tokenizer and report are added and the folder is renamed to ``export_dir``.
 
 Not streamed (refused before any work, in :func:`check_streamable`): training steps, structured/composite
 pruning (compaction), allocations that need the whole model at once (MSP's gradients), lm-eval tasks, the
@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from .adapters import ModelAdapter
 from .calibration import blocks_replaced, capture_block_inputs, run_block
 from .config import PruningConfig
-from .engine import StartPoint, prune_model
+from .engine import Plan, StartPoint, prune_model
 from .evaluation import score_hidden
 from .export import check_export_dir
 from .model_card import model_card
@@ -94,9 +94,12 @@ class _Progress:
             saved = load_file(self.directory / self.state["activations"])
             hidden = [saved[f"hidden.{i}"] for i in range(len(saved))]
         rows = [ProjectionReport(**row) for row in self.state["rows"]]
-        return StartPoint(self.state["next_layer"], hidden, rows)
+        plan = Plan(**self.state["plan"]) if self.state.get("plan") else None
+        return StartPoint(self.state["next_layer"], hidden, rows, plan)
 
-    def block_saved(self, layer: int, next_hidden: list[torch.Tensor] | None, rows: list[ProjectionReport]) -> None:
+    def block_saved(
+        self, layer: int, next_hidden: list[torch.Tensor] | None, rows: list[ProjectionReport], plan: Plan
+    ) -> None:
         from safetensors.torch import save_file
 
         old = self.state["activations"]
@@ -105,7 +108,8 @@ class _Progress:
             name = f"activations-{layer + 1:05d}.safetensors"
             save_file({f"hidden.{i}": h.detach().cpu().contiguous() for i, h in enumerate(next_hidden)},
                       self.directory / name)  # fmt: skip
-        self.state.update(next_layer=layer + 1, rows=[dataclasses.asdict(r) for r in rows], activations=name)
+        self.state.update(next_layer=layer + 1, rows=[dataclasses.asdict(r) for r in rows], activations=name,
+                          plan=plan.to_dict())  # fmt: skip
         self.save()
         if old and old != name:
             (self.directory / old).unlink(missing_ok=True)

@@ -15,6 +15,8 @@ from conftest import random_batches, write_text_files
 from transformers import AutoModelForCausalLM
 
 from mosaic_lightning import PruningConfig, perplexity, prune_model
+from mosaic_lightning.allocation import OWL
+from mosaic_lightning.methods import Wanda
 from mosaic_lightning.stream_job import partial_dir, prune_streamed
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
@@ -192,6 +194,44 @@ def test_cli_stream_killed_mid_run_continues_from_the_last_block(tmp_path):
     whole = _cli(tmp_path, model_dir, tmp_path / "whole", *method, env=env)  # the marker exists: no kill
     assert whole.returncode == 0, whole.stderr[-3000:]
     _assert_same_tensors(tmp_path / "out", tmp_path / "whole")
+
+
+class _CountingOWL(OWL):
+    """OWL that counts its profile passes (class-wide: the resumed run builds the same config again)."""
+
+    calls = 0
+
+    def allocate(self, context, target):
+        type(self).calls += 1
+        return super().allocate(context, target)
+
+
+class _FailsOnceAtBlock2(Wanda):
+    armed = True
+
+    def prune_block(self, block):
+        if block.layer == 2 and type(self).armed:
+            type(self).armed = False
+            raise RuntimeError("stopped at block 2")
+        return super().prune_block(block)
+
+
+def test_a_resumed_stream_reuses_the_saved_plan_instead_of_profiling_again(tmp_path):
+    from conftest import save_tiny_llama
+
+    model_dir = save_tiny_llama(tmp_path / "tiny", layers=4)
+    config, batches = PruningConfig(0.6, _FailsOnceAtBlock2(), _CountingOWL()), random_batches(2)
+    with pytest.raises(RuntimeError, match="block 2"):
+        prune_streamed(model_dir, torch.float32, config, batches, tmp_path / "out", progress=False)
+    assert _CountingOWL.calls == 1
+    resumed = prune_streamed(model_dir, torch.float32, config, batches, tmp_path / "out", progress=False)
+    assert _CountingOWL.calls == 1  # the plan came from the partial export, not from a second profile pass
+    assert resumed.calibration["resumed_at_block"] == 2
+    whole = prune_streamed(model_dir, torch.float32, config, batches, tmp_path / "whole", progress=False)
+    assert _CountingOWL.calls == 2
+    _assert_same_tensors(tmp_path / "out", tmp_path / "whole")
+    assert [r.achieved_sparsity for r in resumed.projections] == [r.achieved_sparsity for r in whole.projections]
+    assert resumed.allocation == whole.allocation
 
 
 def test_cli_stream_refuses_training_steps_before_any_work(tmp_path, tiny_model_dir):

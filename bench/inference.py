@@ -5,7 +5,9 @@
 Models (all from the bundled SmolLM2-135M): ``dense``; ``composite`` = Mosaic composite pruning at 50% of
 projection weights with ``structured_fraction`` 0.62 (31% of projection weights removed as whole MLP channels
 and query heads, uniform per layer) kept *masked* (same shapes as dense) and *compacted* (physically smaller,
-plain HF directory); ``structured-30`` = 30% removed structurally only, compacted. Each measurement runs in
+plain HF directory); ``structured-30`` = 30% removed structurally only, compacted; ``structprune-30`` /
+``structprune-50`` = StructPrune (method ``structprune`` + allocation ``energy``, as ``recipes/structprune-30.yaml``:
+per-layer sizes, loaded with ``load_pruned``), compacted. ``--kinds`` measures a subset. Each measurement runs in
 its own subprocess (so peak RSS is its own) and the kinds are interleaved per repeat, so ratios come from
 one run under the same machine load; the table shows medians.
 """
@@ -24,6 +26,8 @@ import time
 import torch
 
 MODELS = pathlib.Path("bench/out/models")
+KINDS = ["dense", "composite-masked", "composite-compacted", "structured-30-compacted", "structprune-30-compacted",
+         "structprune-50-compacted"]  # fmt: skip
 
 
 def _calibration(samples: int = 16, seq_len: int = 512) -> list[torch.Tensor]:
@@ -37,8 +41,8 @@ def _calibration(samples: int = 16, seq_len: int = 512) -> list[torch.Tensor]:
     return list(windows[order[:samples]].split(4))
 
 
-def prepare() -> None:
-    """Prune and save the model variants once (skipped when present)."""
+def prepare(kinds: list[str]) -> None:
+    """Prune and save the model variants these kinds need, once (skipped when present)."""
     from mosaic_lightning import PruningConfig, compact_model, prune_model, save_pruned
     from mosaic_lightning.assets import BUNDLED_MODEL, load_causal_lm, load_tokenizer
 
@@ -47,9 +51,11 @@ def prepare() -> None:
     variants = {
         "composite": PruningConfig(0.5, "wanda", "mosaic", structured_fraction=0.62, uniform_structure=True),
         "structured-30": PruningConfig(0.3, "wanda", "uniform", structured_fraction=1.0, uniform_structure=True),
+        "structprune-30": PruningConfig(0.3, "structprune", "energy", structured_fraction=1.0),
+        "structprune-50": PruningConfig(0.5, "structprune", "energy", structured_fraction=1.0),
     }
     for name, config in variants.items():
-        if (MODELS / f"{name}-compacted").exists():
+        if (MODELS / f"{name}-compacted").exists() or not any(k.startswith(f"{name}-") for k in kinds):
             continue
         model = load_causal_lm(BUNDLED_MODEL)
         outcome = prune_model(model, batches, config, progress=False)
@@ -71,7 +77,12 @@ def _path(kind: str) -> str:
 def measure(kind: str, prompt_len: int, new_tokens: int) -> dict:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(_path(kind), dtype=torch.float32).eval()
+    from mosaic_lightning import load_pruned
+
+    if kind.startswith("structprune"):  # per-layer sizes: our loader (it holds the weights twice while loading)
+        model = load_pruned(_path(kind), dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(_path(kind), dtype=torch.float32).eval()
     params = sum(p.numel() for p in model.parameters())
     ids = torch.randint(0, model.config.vocab_size, (8, 512), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids[:1, :64], use_cache=False)  # warm-up
@@ -111,13 +122,17 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--out", default="bench/out/inference.json")
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, from {','.join(KINDS)}")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure(args.measure, args.prompt_len, args.new_tokens)))
         return
-    prepare()
-    kinds = ["dense", "composite-masked", "composite-compacted", "structured-30-compacted"]
+    kinds = args.kinds.split(",")
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown or kinds[0] != "dense":
+        raise SystemExit(f"--kinds {args.kinds!r}: start with dense, then any of {', '.join(KINDS[1:])}")
+    prepare(kinds)
     runs = []
     for _ in range(args.repeats):
         for kind in kinds:
@@ -131,7 +146,8 @@ def main() -> None:
     for kind in kinds:
         summary[kind]["params"] = next(r["params"] for r in runs if r["kind"] == kind)
         summary[kind]["file_mb"] = _file_mb(kind)
-    summary["composite-compressed"] = {"file_mb": _file_mb("composite-compressed")}
+    if "composite-compacted" in kinds:
+        summary["composite-compressed"] = {"file_mb": _file_mb("composite-compressed")}
     dense = summary["dense"]
     print(f"\n{args.repeats} repeat(s), medians; prompt {args.prompt_len}, {args.new_tokens} new tokens, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
@@ -142,7 +158,8 @@ def main() -> None:
         print(f"{kind:<24} {s['params']:>11,} {s['file_mb']:>8.0f} {s['prefill_tok_s']:>12.0f} "
               f"{s['decode_b1_tok_s']:>10.1f} {s['decode_b8_tok_s']:>10.1f} {s['peak_rss_mb']:>12.0f}")  # fmt: skip
         s["ratios_to_dense"] = {m: s[m] / dense[m] for m in metrics}
-    print(f"{'composite-compressed':<24} {'':>11} {summary['composite-compressed']['file_mb']:>8.0f}")
+    if "composite-compressed" in summary:
+        print(f"{'composite-compressed':<24} {'':>11} {summary['composite-compressed']['file_mb']:>8.0f}")
     for kind in kinds[1:]:
         r = summary[kind]["ratios_to_dense"]
         print(f"{kind:<24} x dense: prefill {r['prefill_tok_s']:.2f}, decode b1 {r['decode_b1_tok_s']:.2f}, "

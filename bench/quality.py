@@ -46,8 +46,8 @@ ALLOCATION = [
 TYPES = ("q", "k", "v", "o", "gate", "up", "down")
 # SparseLLM suite: the joint MLP solve vs SparseGPT and Wanda at high sparsity (uniform, as the reference).
 SPARSELLM = [(s, m) for s in (0.7, 0.8, 0.9) for m in ("wanda", "sparsegpt", "sparsellm")]
-# MSP suite: the Fisher + evolutionary allocation vs uniform and OWL at 75% (recipe msp-75's search settings).
-MSP_ROWS = [(0.75, m, a) for m in ("wanda", "sparsegpt") for a in ("uniform", "owl", "msp")]
+# MSP suite: the Fisher + evolutionary allocation vs uniform and OWL at 75% (and 70%, 80%; recipe msp-75's search).
+MSP_ROWS = [(s, m, a) for s in (0.7, 0.75, 0.8) for m in ("wanda", "sparsegpt") for a in ("uniform", "owl", "msp")]
 # StructPrune suite: structured only (structured_fraction=1), per-layer sizes; StructPrune (ADMM mask + refit, energy
 # softmax) vs today's planner (Wanda unit scores, OWL rule on unit groups), at equal parameters removed.
 STRUCTPRUNE = [(s, m, a) for s in (0.3, 0.5) for m, a in (("structprune", "energy"), ("wanda", "owl"))]

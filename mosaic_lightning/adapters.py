@@ -197,6 +197,13 @@ class ModelAdapter:
                 found.append(Projection(layer, part, module, param_name, rows, transposed))
         return found
 
+    def rediscover(self, layer: int) -> None:
+        """Find block ``layer``'s projection modules again, after compaction replaced them by smaller ones (the
+        old modules, and their weights, are no longer referenced from here)."""
+        selected = {p.name for p in self._selected[layer]}
+        self._all[layer] = self._block_projections(layer)
+        self._selected[layer] = [p for p in self._all[layer] if p.name in selected]
+
     def module_name(self, proj: Projection) -> str:
         return proj.param_name.removesuffix(".weight")
 

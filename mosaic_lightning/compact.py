@@ -31,17 +31,38 @@ _MLP_FIELDS = ("intermediate_size", "ffn_dim", "n_inner")
 def compact_model(model: nn.Module, structure: dict[str, list[int]], adapter: ModelAdapter | None = None) -> None:
     """Remove the units listed in ``structure`` (``{"3.mlp": [channels], "3.heads": [heads]}``) in place."""
     adapter = adapter or ModelAdapter(model)
+    shapes = shapes_after(layer_shapes(adapter), structure)
+    remove_units(adapter, structure)
+    record_layer_shapes(model.config, shapes)
+
+
+@torch.no_grad()
+def remove_units(adapter: ModelAdapter, structure: dict[str, list[int]]) -> None:
+    """Shrink the modules of the units in ``structure``, leaving the config as it is: a streamed run compacts each
+    block as it is written and records every layer's sizes once, at the end (:func:`record_layer_shapes`)."""
     kinds = sorted({key.split(".")[1] for key in structure})
     groups = {g.key: g for g in unit_groups(adapter, kinds)} if kinds else {}
     unknown = set(structure) - set(groups)
     if unknown:
         raise ValueError(f"structure names unit groups this model does not have: {sorted(unknown)}")
-    shapes = [dict(_current_shape(adapter, layer)) for layer in range(adapter.num_layers)]
     for key, removed in structure.items():
-        group = groups[key]
-        _remove_units(adapter, group, removed)
-        shapes[group.layer][group.kind] = group.count - len(removed)
-    _update_config(model.config, shapes)
+        _remove_units(adapter, groups[key], removed)
+    for layer in sorted({groups[key].layer for key in structure}):
+        adapter.rediscover(layer)
+
+
+def layer_shapes(adapter: ModelAdapter) -> list[dict[str, int]]:
+    """Every layer's unit counts as the model is now (``{"heads": 8, "mlp": 1536}``)."""
+    return [dict(_current_shape(adapter, layer)) for layer in range(adapter.num_layers)]
+
+
+def shapes_after(shapes: list[dict[str, int]], structure: dict[str, list[int]]) -> list[dict[str, int]]:
+    """``shapes`` with the units of ``structure`` removed."""
+    result = [dict(shape) for shape in shapes]
+    for key, removed in structure.items():
+        layer, kind = key.split(".")
+        result[int(layer)][kind] -= len(removed)
+    return result
 
 
 def _current_shape(adapter: ModelAdapter, layer: int) -> dict[str, int]:
@@ -112,8 +133,9 @@ def _set_head_count(adapter: ModelAdapter, o_proj: Projection, kept_heads: int) 
         attention.split_size = kept_heads * head_dim
 
 
-def _update_config(config, shapes: list[dict[str, int]]) -> None:
-    """Record per-layer sizes; update the standard fields when one size fits all layers and they can say it."""
+def record_layer_shapes(config, shapes: list[dict[str, int]]) -> None:
+    """Record per-layer sizes in ``config``; update the standard fields when one size fits all layers and they can
+    say it (then plain ``from_pretrained`` builds the compacted model)."""
     setattr(config, SHAPES_KEY, shapes)
     heads, kv_heads, head_dim = attention_shape(config)
     kept_heads = {s[HEADS] for s in shapes}
@@ -174,8 +196,12 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn
     bitmask weights (decompressed here: transformers 5 does not), into a dense model whose config no longer
     claims compression, so saving it again writes a plain dense export.
 
-    Only config JSON and safetensors are read: no pickle, no remote code.
+    Only config JSON and safetensors are read: no pickle, no remote code. The model is built and compacted with
+    its parameters on the ``meta`` device (accelerate's ``init_empty_weights``; buffers such as rotary
+    frequencies are real) and the read tensors become its parameters (``load_state_dict(assign=True)``), so the
+    weights are held once while loading, at their compacted size.
     """
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .compressed import decompress_state, sparsity_config
@@ -190,24 +216,34 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn
     if compressed:
         del config.quantization_config
     shapes = getattr(config, SHAPES_KEY, None)
-    model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=dtype or torch.float32)
-    if shapes is not None:
-        structure = {}
-        for layer, shape in enumerate(_checked_shapes(shapes, ModelAdapter(model), path)):
-            for kind, kept in shape.items():
-                total = _current_shape(ModelAdapter(model), layer)[kind]
-                if kept < total:
-                    structure[f"{layer}.{kind}"] = list(range(kept, total))
-        compact_model(model, structure)
+    dtype = dtype or torch.float32
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=dtype)
+        if shapes is not None:
+            compact_model(model, _structure_of(_checked_shapes(shapes, ModelAdapter(model), path), model))
     state = decompress_state(read_weights(path)) if compressed else read_weights(path)
     _check_fits_weights(model, state, path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
         raise ValueError(f"{path}: weights do not fit the model: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")  # fmt: skip
     model.tie_weights()
     return model.eval()
+
+
+def _structure_of(shapes: list[dict[str, int]], model: nn.Module) -> dict[str, list[int]]:
+    """The units to remove from a full-size ``model`` so that layer ``l`` keeps ``shapes[l]`` (the last ones: kept
+    units were stored first)."""
+    adapter = ModelAdapter(model)
+    structure = {}
+    for layer, shape in enumerate(shapes):
+        for kind, kept in shape.items():
+            total = _current_shape(adapter, layer)[kind]
+            if kept < total:
+                structure[f"{layer}.{kind}"] = list(range(kept, total))
+    return structure
 
 
 def _checked_shapes(shapes, adapter: ModelAdapter, path: pathlib.Path) -> list[dict[str, int]]:

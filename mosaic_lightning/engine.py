@@ -75,8 +75,8 @@ class Plan:
     allocation: dict = field(default_factory=dict)  # what the allocation measured or searched (report)
 
     def to_dict(self) -> dict:
-        """What a resumable streamed run saves (JSON): all but the unit groups, which a streamed run never has
-        (it is unstructured: ``check_streamable``); ``Plan(**saved)`` restores it."""
+        """What a resumable streamed run saves (JSON): all but the unit groups, which follow from the model and
+        the config (``Plan(**saved, unit_groups=unit_groups(adapter, config.structured_units))`` restores it)."""
         return {"counts": self.counts, "unstructured": self.unstructured, "ratios": self.ratios,
                 "removals": self.removals, "allocation": self.allocation}  # fmt: skip
 
@@ -130,13 +130,15 @@ def prune_model(
 @dataclass
 class StartPoint:
     """Where the block loop begins: block ``layer`` with these calibration hidden states (None: from the
-    embeddings), the report rows of the blocks before it already made, and the plan they were pruned to (None:
-    plan now; a resumed run reuses its saved plan, so the allocation's profile pass is not repeated)."""
+    embeddings), the report rows and removed units of the blocks before it already made, and the plan they were
+    pruned to (None: plan now; a resumed run reuses its saved plan, so the allocation's profile pass is not
+    repeated)."""
 
     layer: int = 0
     hidden: list[torch.Tensor] | None = None
     rows: list[ProjectionReport] = field(default_factory=list)
     plan: Plan | None = None
+    structure: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -233,7 +235,7 @@ def _sequential_prune(
     """Block by block; see :class:`~mosaic_lightning.block.InputStream` for what ``sequential`` changes. With a
     residency that commits each block, a block's result is written into it (and reported) once the next block's
     inputs are computed from it, and then the residency lets it go."""
-    pruned = _Pruned(_Pending(), {}, 0, list(start.rows))
+    pruned = _Pruned(_Pending(removed=dict(start.structure)), {}, 0, list(start.rows))
     stream = InputStream(
         model, adapter, batches, config.sequential, lambda layer: _pending_values(adapter, layer, pruned.pending),
         residency, start.layer, start.hidden,
@@ -250,7 +252,7 @@ def _sequential_prune(
                 masks = _commit(adapter, pruned.pending, adapter.projections(layer))
                 rows = [_report_row(adapter, p, masks, plan, pruned.seconds) for p in adapter.projections(layer)]
                 pruned.rows.extend(rows)
-                residency.save(layer, hidden, pruned.rows, plan)
+                residency.save(layer, hidden, pruned.rows, plan, pruned.pending.removed)
                 _forget(pruned.pending, adapter.projections(layer))
         finally:
             residency.unload(layer)

@@ -41,10 +41,11 @@ class BlockResidency:
         if layer in self._home:
             self.adapter.blocks[layer].to(self._home.pop(layer))
 
-    def save(self, layer: int, next_hidden: list[torch.Tensor] | None, rows: list, plan) -> None:
+    def save(self, layer: int, next_hidden: list[torch.Tensor] | None, rows: list, plan,
+             structure: dict[str, list[int]]) -> None:  # fmt: skip
         """Called, with ``commits_each_block``, once block ``layer`` holds its result: with the next block's
-        calibration inputs (None if none were computed), the report rows so far and the engine's ``Plan``, for a
-        resumable run."""
+        calibration inputs (None if none were computed), the report rows so far, the engine's ``Plan`` and the
+        units removed so far (``{"3.mlp": [channels]}``), for a resumable run."""
 
     def inputs_to_device(self, value):
         """``value`` (a tensor, or tuples/lists/dicts of them, as a block's arguments are) on the device."""

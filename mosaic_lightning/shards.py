@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .adapters import ModelAdapter
+from .compact import remove_units
 from .residency import BlockResidency
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -188,7 +189,9 @@ def _numel(shape: list[int]) -> int:
 class StreamedBlocks(BlockResidency):
     """Each block read from the source shards onto the execution device on ``load``, its pruned tensors written
     to its own output shard by ``save``, and freed (back to ``meta``) on ``unload``: the blocks never all sit in
-    memory. ``on_saved(layer, next_hidden, rows, plan)`` records progress for a resumable run."""
+    memory. A block that lost whole units (composite pruning) is compacted before it is written, so the export is
+    the physically smaller model; the skeleton keeps the block's smaller (meta) shapes. ``on_saved(layer,
+    next_hidden, rows, plan, structure)`` records progress for a resumable run."""
 
     commits_each_block = True
 
@@ -206,10 +209,11 @@ class StreamedBlocks(BlockResidency):
             self.streamed.load_block(layer, self.execution_device)
             self.loaded = layer
 
-    def save(self, layer: int, next_hidden, rows, plan) -> None:
+    def save(self, layer: int, next_hidden, rows, plan, structure) -> None:
+        remove_units(self.adapter, {key: units for key, units in structure.items() if key.startswith(f"{layer}.")})
         self.writer.write(block_shard(layer), self.streamed.block_state(layer))
         if self.on_saved is not None:
-            self.on_saved(layer, next_hidden, rows, plan)
+            self.on_saved(layer, next_hidden, rows, plan, structure)
 
     def unload(self, layer: int) -> None:
         if self.loaded == layer:

@@ -14,9 +14,15 @@ The plan (every projection's count, from the allocation's profile of the dense m
 with the first block, so a resumed run does not repeat the profile pass. When every block is done the index,
 config, tokenizer and report are added and the folder is renamed to ``export_dir``.
 
-Not streamed (refused before any work, in :func:`check_streamable`): training steps, structured/composite
-pruning (compaction), allocations that need the whole model at once (MSP's gradients), lm-eval tasks, the
-compressed export, multi-process runs.
+Composite and structured pruning (``structured_fraction > 0``, StructPrune) are compacted block by block: a block
+that lost whole MLP channels or heads is written physically smaller (:class:`~mosaic_lightning.shards.
+StreamedBlocks`), and at the end the config records every layer's sizes as :func:`~mosaic_lightning.compact_model`
+does, so the export is the one the in-memory path writes (plain ``from_pretrained`` where one size fits all
+layers, else :func:`~mosaic_lightning.load_pruned`). The removed units are saved with each block; a resumed run
+compacts the skeleton's finished blocks from them before it continues.
+
+Not streamed (refused before any work, in :func:`check_streamable`): training steps, allocations that need the
+whole model at once (MSP's gradients), lm-eval tasks, the compressed export, multi-process runs.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from tqdm.auto import tqdm
 
 from .adapters import ModelAdapter
 from .calibration import blocks_replaced, capture_block_inputs, run_block
+from .compact import check_uniform_structure, layer_shapes, record_layer_shapes, remove_units, shapes_after
 from .config import PruningConfig
 from .engine import Plan, StartPoint, prune_model
 from .evaluation import score_hidden
@@ -44,6 +51,7 @@ from .model_card import model_card
 from .report import ProjectionReport, PruningReport, peak_memory, reset_peak_memory
 from .residency import move_tensors
 from .shards import SafetensorsSource, ShardWriter, StreamedBlocks, StreamedModel, meta_skeleton
+from .structure import UnitGroup, unit_groups
 
 PROGRESS_NAME = "progress.json"
 
@@ -55,11 +63,6 @@ def partial_dir(export_dir: str | os.PathLike) -> pathlib.Path:
 
 def check_streamable(config: PruningConfig, **options) -> None:
     """Refuse, naming the option, what a streamed run cannot do (``options``: name -> whether it is asked)."""
-    if config.structured:
-        raise ValueError(
-            "--stream true: structured_fraction > 0 (composite pruning) needs compaction of the whole model, which "
-            "is not streamed yet; use structured_fraction 0 or run without --stream"
-        )
     if getattr(config.allocation, "needs_whole_model", False):
         raise ValueError(
             f"--stream true: allocation {config.allocation.label!r} needs the whole model in memory (gradients "
@@ -86,7 +89,8 @@ class _Progress:
                 )
             self.state = saved
 
-    def start_point(self) -> StartPoint:
+    def start_point(self, unit_groups: list[UnitGroup]) -> StartPoint:
+        """The saved state; ``unit_groups``: the plan's (not saved: they follow from the model and config)."""
         hidden = None
         if self.state["activations"]:
             from safetensors.torch import load_file
@@ -94,12 +98,13 @@ class _Progress:
             saved = load_file(self.directory / self.state["activations"])
             hidden = [saved[f"hidden.{i}"] for i in range(len(saved))]
         rows = [ProjectionReport(**row) for row in self.state["rows"]]
-        plan = Plan(**self.state["plan"]) if self.state.get("plan") else None
-        return StartPoint(self.state["next_layer"], hidden, rows, plan)
+        plan = Plan(**self.state["plan"], unit_groups=unit_groups) if self.state.get("plan") else None
+        return StartPoint(self.state["next_layer"], hidden, rows, plan, self.state.get("structure", {}))
 
     def block_saved(
-        self, layer: int, next_hidden: list[torch.Tensor] | None, rows: list[ProjectionReport], plan: Plan
-    ) -> None:
+        self, layer: int, next_hidden: list[torch.Tensor] | None, rows: list[ProjectionReport], plan: Plan,
+        structure: dict[str, list[int]],
+    ) -> None:  # fmt: skip
         from safetensors.torch import save_file
 
         old = self.state["activations"]
@@ -109,7 +114,7 @@ class _Progress:
             save_file({f"hidden.{i}": h.detach().cpu().contiguous() for i, h in enumerate(next_hidden)},
                       self.directory / name)  # fmt: skip
         self.state.update(next_layer=layer + 1, rows=[dataclasses.asdict(r) for r in rows], activations=name,
-                          plan=plan.to_dict())  # fmt: skip
+                          plan=plan.to_dict(), structure=structure)  # fmt: skip
         self.save()
         if old and old != name:
             (self.directory / old).unlink(missing_ok=True)
@@ -152,13 +157,18 @@ def prune_streamed(
     source = SafetensorsSource(source_dir)
     model = meta_skeleton(source_dir, dtype)
     adapter = ModelAdapter(model, targets=config.targets, exclude=config.exclude)
+    if config.structured:
+        check_uniform_structure(model.config, config.structured_units, config.uniform_structure)
     streamed = StreamedModel(model, adapter, source)
     work = partial_dir(export_dir)
     work.mkdir(exist_ok=True)
     run = {"source": str(pathlib.Path(source_dir).absolute()), "dtype": str(dtype), "config": config.to_dict(),
            "device": device}  # fmt: skip
     state = _Progress(work, fingerprint(run, batches, eval_batches or []))
-    start = state.start_point()
+    groups = unit_groups(adapter, config.structured_units) if config.structured else []
+    full_shapes, params_before = layer_shapes(adapter), sum(p.numel() for p in model.parameters())
+    start = state.start_point(groups)
+    remove_units(adapter, start.structure)  # the finished blocks as they were written: compacted
     io: dict[str, dict[str, int]] = state.state.setdefault("io_bytes", {})
     peaks: dict[str, float] = state.state.setdefault("peak_memory_mb", {})
     streamed.load_resident()
@@ -173,6 +183,10 @@ def prune_streamed(
         writer.write(0, streamed.resident_state())
         writer.write_index([streamed.resident_names, *streamed.block_names])
     report = outcome.report
+    if report.structure:
+        record_layer_shapes(model.config, shapes_after(full_shapes, report.structure))
+        report.metrics.update(params_before_compaction=params_before,
+                              params_after_compaction=sum(p.numel() for p in model.parameters()))  # fmt: skip
     if start.layer:
         report.calibration["resumed_at_block"] = start.layer
     if eval_batches:

@@ -106,14 +106,68 @@ def test_at_most_one_block_is_in_memory_at_a_time(tmp_path):
     assert most[0] == 1 and not real
 
 
-@pytest.mark.parametrize(("field", "config", "match"), [
-    ("structured", PruningConfig(0.5, "wanda", "uniform", structured_fraction=0.5), "structured_fraction"),
-    ("msp", PruningConfig(0.5, "wanda", "msp"), "allocation 'msp'"),
+def _structured(method: str, allocation: str, fraction: float, uniform: bool, stop_at: int | None = None):
+    method = _FailsOnceAt(stop_at) if stop_at is not None else method
+    return PruningConfig(0.5, method, allocation, structured_fraction=fraction, uniform_structure=uniform)
+
+
+@pytest.mark.parametrize(("family", "method", "allocation", "fraction", "uniform"), [
+    ("llama", "wanda", "uniform", 0.6, True),  # composite, one size for all layers: plain from_pretrained
+    ("llama", "structprune", "energy", 1.0, False),  # StructPrune: per-layer sizes, weights refitted
+    ("gpt2", "sparsegpt", "owl", 0.6, False),  # fused c_attn, tied output embedding
 ])  # fmt: skip
-def test_what_cannot_stream_is_refused_before_any_work(tmp_path, field, config, match):
+def test_streamed_composite_pruning_exports_the_compacted_model_the_in_memory_path_makes(
+    tmp_path, family, method, allocation, fraction, uniform
+):
+    from mosaic_lightning import compact_model, load_pruned
+
+    source = _save_sharded(_family(family), tmp_path / "source")
+    batches, eval_batches = random_batches(num=3), random_batches(num=2, seed=5)
+    config = _structured(method, allocation, fraction, uniform)
+    report = prune_streamed(source, torch.float32, config, batches, tmp_path / "out", eval_batches, progress=False)
+
+    expected, expected_ppl = _in_memory(source, _structured(method, allocation, fraction, uniform), batches,
+                                        eval_batches)  # fmt: skip
+    compact_model(expected, report.structure)
+    assert report.structure and report.metrics["ppl_pruned"] == pytest.approx(expected_ppl, rel=1e-5)
+    exported = (AutoModelForCausalLM.from_pretrained if uniform else load_pruned)(tmp_path / "out",
+                                                                                  dtype=torch.float32)  # fmt: skip
+    got, want = exported.state_dict(), expected.state_dict()
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+    sizes = [{k: v for k, v in c.to_dict().items() if k not in ("_name_or_path", "dtype")}
+             for c in (exported.config, expected.config)]  # fmt: skip
+    assert sizes[0] == sizes[1]
+    params = sum(p.numel() for p in exported.parameters())
+    assert report.metrics["params_after_compaction"] == params < report.metrics["params_before_compaction"]
+
+
+def test_a_killed_composite_stream_resumes_with_its_finished_blocks_compacted(tmp_path):
+    from mosaic_lightning import load_pruned
+
     source = _save_sharded(_family("llama"), tmp_path / "source")
-    with pytest.raises(ValueError, match=match):
-        prune_streamed(source, torch.float32, config, random_batches(), tmp_path / "out", progress=False)
+    batches, eval_batches = random_batches(num=2), random_batches(num=1, seed=5)
+    with pytest.raises(RuntimeError, match="block 2"):
+        prune_streamed(source, torch.float32, _structured("wanda", "owl", 0.6, False, stop_at=2), batches,
+                       tmp_path / "out", eval_batches, progress=False)  # fmt: skip
+    saved = json.loads((partial_dir(tmp_path / "out") / "progress.json").read_text())
+    assert saved["next_layer"] == 2 and set(saved["structure"]) == {"0.mlp", "0.heads", "1.mlp", "1.heads"}
+    resumed = prune_streamed(source, torch.float32, _structured("wanda", "owl", 0.6, False, stop_at=2), batches,
+                             tmp_path / "out", eval_batches, progress=False)  # fmt: skip
+    assert resumed.calibration["resumed_at_block"] == 2
+    whole = prune_streamed(source, torch.float32, _structured("wanda", "owl", 0.6, False), batches,
+                           tmp_path / "whole", eval_batches, progress=False)  # fmt: skip
+    assert resumed.structure == whole.structure and resumed.metrics == whole.metrics
+    got, want = (load_pruned(tmp_path / d).state_dict() for d in ("out", "whole"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_what_cannot_stream_is_refused_before_any_work(tmp_path):
+    source = _save_sharded(_family("llama"), tmp_path / "source")
+    with pytest.raises(ValueError, match="allocation 'msp'"):
+        prune_streamed(source, torch.float32, PruningConfig(0.5, "wanda", "msp"), random_batches(), tmp_path / "out",
+                       progress=False)  # fmt: skip
     assert not (tmp_path / "out").exists() and not partial_dir(tmp_path / "out").exists()
 
 
@@ -131,10 +185,11 @@ def test_a_source_without_every_tensor_is_refused(tmp_path):
 
 
 # -- the CLI, as our acceptance checks run it ----------------------------------------------------------------
-def _cli(tmp_path: Path, model_dir: Path, export: Path, *overrides: str, env=None) -> subprocess.CompletedProcess:
+def _cli(tmp_path: Path, model_dir: Path, export: Path, *overrides: str, env=None,
+         recipe: str = "wanda-50") -> subprocess.CompletedProcess:  # fmt: skip
     train, test = write_text_files(tmp_path)
     return subprocess.run(
-        [sys.executable, str(ROOT_DIR / "train.py"), "fit", "--config", str(ROOT_DIR / "recipes/wanda-50.yaml"),
+        [sys.executable, str(ROOT_DIR / "train.py"), "fit", "--config", str(ROOT_DIR / f"recipes/{recipe}.yaml"),
          "--model.pretrained", str(model_dir), "--data.train_files", str(train), "--data.eval_files", str(test),
          "--data.seq_len", "32", "--data.num_calibration_samples", "8", "--data.max_eval_windows", "2",
          "--trainer.logger", "false", "--export_dir", str(export), *overrides],
@@ -169,6 +224,20 @@ def test_cli_stream_export_equals_in_memory_export(tmp_path, tiny_model_dir):
     assert not list((tmp_path / "streamed").glob("*.partial"))
     assert (tmp_path / "streamed" / "model.safetensors.index.json").is_file()
     assert (tmp_path / "streamed" / "tokenizer.json").is_file()
+
+
+def test_cli_streamed_structprune_exports_the_in_memory_compacted_model(tmp_path, tiny_model_dir):
+    from mosaic_lightning import load_pruned
+
+    for folder, stream in (("streamed", "true"), ("in_memory", "false")):
+        result = _cli(tmp_path, tiny_model_dir, tmp_path / folder, "--stream", stream, recipe="structprune-30")
+        assert result.returncode == 0, result.stderr[-3000:]
+    got, want = (load_pruned(tmp_path / d).state_dict() for d in ("streamed", "in_memory"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    reports = [json.loads((tmp_path / d / "pruning_report.json").read_text()) for d in ("streamed", "in_memory")]
+    assert reports[0]["structure"] == reports[1]["structure"] != {}
+    assert reports[0]["params_after_compaction"] == reports[1]["params_after_compaction"]
+    assert reports[0]["ppl_pruned"] == pytest.approx(reports[1]["ppl_pruned"], rel=1e-5)
 
 
 def test_cli_stream_killed_mid_run_continues_from_the_last_block(tmp_path):
@@ -213,6 +282,22 @@ class _FailsOnceAtBlock2(Wanda):
         if block.layer == 2 and type(self).armed:
             type(self).armed = False
             raise RuntimeError("stopped at block 2")
+        return super().prune_block(block)
+
+
+class _FailsOnceAt(Wanda):
+    """Wanda that raises at block ``layer`` the first time an instance with the same ``layer`` gets there."""
+
+    failed: set[int] = set()
+
+    def __init__(self, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def prune_block(self, block):
+        if block.layer == self.layer and self.layer not in self.failed:
+            self.failed.add(self.layer)
+            raise RuntimeError(f"stopped at block {self.layer}")
         return super().prune_block(block)
 
 

@@ -89,8 +89,8 @@ class _Progress:
                 )
             self.state = saved
 
-    def start_point(self, unit_groups: list[UnitGroup]) -> StartPoint:
-        """The saved state; ``unit_groups``: the plan's (not saved: they follow from the model and config)."""
+    def start_point(self, groups: list[UnitGroup]) -> StartPoint:
+        """The saved state; ``groups``: the plan's unit groups (not saved: they follow from the model and config)."""
         hidden = None
         if self.state["activations"]:
             from safetensors.torch import load_file
@@ -98,7 +98,7 @@ class _Progress:
             saved = load_file(self.directory / self.state["activations"])
             hidden = [saved[f"hidden.{i}"] for i in range(len(saved))]
         rows = [ProjectionReport(**row) for row in self.state["rows"]]
-        plan = Plan(**self.state["plan"], unit_groups=unit_groups) if self.state.get("plan") else None
+        plan = Plan(**self.state["plan"], unit_groups=groups) if self.state.get("plan") else None
         return StartPoint(self.state["next_layer"], hidden, rows, plan, self.state.get("structure", {}))
 
     def block_saved(

@@ -38,6 +38,22 @@ def test_fisher_trace_equals_squared_gradients_summed_by_hand(build, blocks, pat
     assert fisher_trace(context, [0, 1], max_batches=3) == pytest.approx(expected, rel=1e-6)
 
 
+def test_fisher_trace_in_passes_of_one_sequence_sums_each_sequence_squared_gradient():
+    model, batches = make_llama(), random_batches(2, batch=3)
+    context = AllocationContext(model, ModelAdapter(model), batches, progress=False)
+    expected = [0.0, 0.0]
+    for ids in batches:
+        for sequence in ids:
+            model.zero_grad()
+            model(input_ids=sequence[None], labels=sequence[None]).loss.backward()
+            for layer in range(2):
+                for path in LAYER_PARAMS:
+                    expected[layer] += float(model.model.layers[layer].get_submodule(path).weight.grad.double()
+                                             .square().sum())  # fmt: skip
+    assert fisher_trace(context, [0, 1], max_batches=2, sequences=1) == pytest.approx(expected, rel=1e-6)
+    assert fisher_trace(context, [0, 1], max_batches=2) != pytest.approx(expected, rel=1e-3)  # per batch: another sum
+
+
 def _run(seed: int = 0, sparsity: float = 0.6):
     model = make_llama()
     config = PruningConfig(sparsity, "wanda", MSP(population=5, generations=3, seed=seed), max_sparsity=0.9)
@@ -89,7 +105,8 @@ def test_the_search_leaves_gradients_and_weights_as_they_were():
 
 @pytest.mark.parametrize(("kwargs", "message"), [({"population": 1}, "msp population=1"),
                                                  ({"mutation_step": 0.0}, "msp mutation_step=0.0"),
-                                                 ({"seed": -1}, "msp seed=-1")])  # fmt: skip
+                                                 ({"seed": -1}, "msp seed=-1"),
+                                                 ({"fisher_sequences": 0}, "msp fisher_sequences=0")])  # fmt: skip
 def test_bad_options_name_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MSP(**kwargs)

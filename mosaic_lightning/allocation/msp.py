@@ -5,7 +5,8 @@ evolutionary search over per-layer sparsities). Every choice below is ours where
 
 - **Sensitivity** ``F_l`` = sum over the calibration batches of the squared gradients of the causal-LM loss with
   respect to layer ``l``'s targeted weights (the trace of the empirical Fisher), from backward passes of the
-  whole model on up to ``fisher_batches`` batches; summed over ranks under DDP and ZeRO. Each weight gradient is
+  whole model on up to ``fisher_batches`` batches (one squared gradient per batch, or per ``fisher_sequences``
+  sequences of it, which bounds the backward's memory); summed over ranks under DDP and ZeRO. Each weight gradient is
   formed from the projection's input and output gradient (hooks), never in ``.grad``: a run in the middle of
   training is not disturbed, frozen weights work, and under ZeRO-3 no rank needs a whole weight.
 - **Search space**: one sparsity per layer (all its targeted projections share it), within ``[min_sparsity,
@@ -60,6 +61,11 @@ class MSP(Allocation):
         max_spread: largest Fisher-seeded spread ``k`` of the first population.
         fitness_batches: calibration batches the fitness perplexity is measured on.
         fisher_batches: calibration batches of the Fisher pass.
+        fisher_sequences: sequences per backward pass of the Fisher estimate. None: a whole calibration batch
+            (the squared gradient of each batch's loss, as the sensitivity is defined above); ``k``: each batch
+            split into passes of ``k`` sequences, each squared on its own (1: the per-sequence empirical
+            Fisher). The backward holds every layer's activations and the full-vocabulary logits of one pass, so
+            its memory falls with ``k``: on SmolLM2, 4 x 512 tokens a pass peaked at 6.3 GB.
         seed: seed of the search.
     """
 
@@ -76,17 +82,21 @@ class MSP(Allocation):
         max_spread: float = 0.2,
         fitness_batches: int = 4,
         fisher_batches: int = 8,
+        fisher_sequences: int | None = None,
         seed: int = 0,
     ) -> None:
         for field, value, low in (("population", population, 2), ("generations", generations, 0),
                                   ("mutations", mutations, 0), ("fitness_batches", fitness_batches, 1),
                                   ("fisher_batches", fisher_batches, 1), ("seed", seed, 0)):  # fmt: skip
             check_int(f"msp {field}", value, low)
+        if fisher_sequences is not None:
+            check_int("msp fisher_sequences", fisher_sequences, 1)
         check_open_unit("msp mutation_step", mutation_step)
         check_open_unit("msp max_spread", max_spread)
         self.population, self.generations, self.mutations = population, generations, mutations
         self.mutation_step, self.max_spread = float(mutation_step), float(max_spread)
         self.fitness_batches, self.fisher_batches, self.seed = fitness_batches, fisher_batches, seed
+        self.fisher_sequences = fisher_sequences
 
     def allocate(self, context: AllocationContext, target: float) -> Budget:
         config = context.config
@@ -100,7 +110,7 @@ class MSP(Allocation):
         layers = sorted({p.layer for p in context.projections})
         sizes = [sum(p.numel for p in context.projections if p.layer == layer) for layer in layers]
         _check_mixed_grid(config.build_pattern(), sizes, target)
-        fisher = fisher_trace(context, layers, self.fisher_batches)
+        fisher = fisher_trace(context, layers, self.fisher_batches, self.fisher_sequences)
         search = _Search(self, context, layers, sizes, target)
         best, details = search.run(fisher)
         sparsity = {p.key: best[layers.index(p.layer)] for p in context.projections}
@@ -108,8 +118,11 @@ class MSP(Allocation):
         return Budget(sparsity, {p.key: fisher[layers.index(p.layer)] for p in context.projections}, details)
 
 
-def fisher_trace(context: AllocationContext, layers: list[int], max_batches: int) -> list[float]:
-    """Per layer: the summed squared gradients of the LM loss w.r.t. its targeted weights (``[out, in]`` views).
+def fisher_trace(
+    context: AllocationContext, layers: list[int], max_batches: int, sequences: int | None = None
+) -> list[float]:
+    """Per layer: the summed squared gradients of the LM loss w.r.t. its targeted weights (``[out, in]`` views),
+    one squared gradient per batch of the first ``max_batches`` (or per ``sequences`` sequences of each).
 
     Each projection's weight gradient is formed from its recorded input and the gradient of its output (``g^T x``
     summed over tokens, as autograd would form it), and the backward pass runs to the embedding output only: no
@@ -145,7 +158,8 @@ def fisher_trace(context: AllocationContext, layers: list[int], max_batches: int
     handles = [context.model.get_input_embeddings().register_forward_hook(keep_embedding)]
     handles += [module.register_forward_hook(record) for module in modules.values()]
     try:
-        for input_ids in context.batches[:max_batches]:
+        passes = [part for ids in context.batches[:max_batches] for part in ids.split(sequences or len(ids))]
+        for input_ids in passes:
             ids = input_ids.to(model.get_input_embeddings().weight.device)
             embedded.clear()
             with torch.enable_grad():

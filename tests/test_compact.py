@@ -147,3 +147,19 @@ def test_gqa_head_count_error_names_nearest_valid_sizes():
     with pytest.raises(ValueError, match=r"nearest valid sizes: \[6, 9\]"):
         check_kept_heads(num_heads=9, num_kv_heads=3, kept=7)
     check_kept_heads(num_heads=9, num_kv_heads=3, kept=6)
+
+
+def test_load_pruned_takes_the_read_weights_yet_edits_never_reach_the_files(tmp_path):
+    """``load_pruned`` assigns the tensors it reads as parameters (held once): training the loaded model in place
+    must still leave the export on disk as it was."""
+    model = make_llama()
+    save_pruned(model, None, tmp_path / "out")
+    on_disk = (tmp_path / "out" / "model.safetensors").read_bytes()
+    loaded = load_pruned(tmp_path / "out")
+    assert not any(p.is_meta for p in loaded.parameters())
+    got, want = loaded.state_dict(), model.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    with torch.no_grad():
+        for parameter in loaded.parameters():
+            parameter.mul_(0)
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == on_disk

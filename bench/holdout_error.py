@@ -20,15 +20,10 @@ import json
 import pathlib
 
 import torch
+from quality import calibration_and_heldout
 
 from mosaic_lightning import PruningConfig, prune_model
-from mosaic_lightning.assets import BUNDLED_MODEL, load_causal_lm, load_tokenizer, wikipedia_split
-from mosaic_lightning.lit.data import TokenWindows
-
-
-def _windows(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
-    ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
-    return TokenWindows(torch.tensor(ids), seq_len).windows
+from mosaic_lightning.assets import BUNDLED_MODEL, load_causal_lm, load_tokenizer
 
 
 @torch.no_grad()
@@ -63,12 +58,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench/out/holdout-error.json")
     args = parser.parse_args()
 
-    tokenizer = load_tokenizer(BUNDLED_MODEL)
-    train, test = wikipedia_split()
-    train_windows = _windows(train, tokenizer, args.seq_len)
-    order = torch.randperm(len(train_windows), generator=torch.Generator().manual_seed(0))
-    calibration = list(train_windows[order[: args.calibration_samples]].split(4))
-    heldout = list(_windows(test, tokenizer, args.seq_len)[: args.heldout_windows].split(4))
+    calibration, heldout = calibration_and_heldout(load_tokenizer(BUNDLED_MODEL), args.calibration_samples,
+                                                   args.heldout_windows, args.seq_len)  # fmt: skip
 
     rows = []
     for sparsity in args.sparsities:

@@ -125,6 +125,16 @@ def windows(texts: list[str], tokenizer, seq_len: int) -> TokenWindows:
     return TokenWindows(torch.tensor(ids), seq_len)
 
 
+def calibration_and_heldout(tokenizer, samples: int, heldout: int, seq_len: int):
+    """(calibration batches: ``samples`` random windows of the first 80 articles, seed 0; held-out batches: the
+    first ``heldout`` windows of the last 20), 4 sequences a batch."""
+    train, test = wikipedia_split()
+    train_windows = windows(train, tokenizer, seq_len).windows
+    order = torch.randperm(len(train_windows), generator=torch.Generator().manual_seed(0))
+    calibration = list(train_windows[order[:samples]].split(4))
+    return calibration, list(windows(test, tokenizer, seq_len).windows[:heldout].split(4))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calibration-samples", type=int, default=32)
@@ -144,11 +154,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(BUNDLED_MODEL)
-    train, test = wikipedia_split()
-    train_windows = windows(train, tokenizer, args.seq_len).windows
-    order = torch.randperm(len(train_windows), generator=torch.Generator().manual_seed(0))
-    calibration = list(train_windows[order[: args.calibration_samples]].split(4))
-    evaluation = list(windows(test, tokenizer, args.seq_len).windows[: args.eval_windows].split(4))
+    calibration, evaluation = calibration_and_heldout(tokenizer, args.calibration_samples, args.eval_windows,
+                                                      args.seq_len)  # fmt: skip
 
     accuracy = _accuracy_scorer(args.tasks, args.task_limit, tokenizer)
     dense = load_causal_lm(BUNDLED_MODEL)

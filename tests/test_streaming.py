@@ -106,8 +106,7 @@ def test_at_most_one_block_is_in_memory_at_a_time(tmp_path):
     assert most[0] == 1 and not real
 
 
-def _structured(method: str, allocation: str, fraction: float, uniform: bool, stop_at: int | None = None):
-    method = _FailsOnceAt(stop_at) if stop_at is not None else method
+def _structured(method, allocation: str, fraction: float, uniform: bool) -> PruningConfig:
     return PruningConfig(0.5, method, allocation, structured_fraction=fraction, uniform_structure=uniform)
 
 
@@ -148,13 +147,12 @@ def test_a_killed_composite_stream_resumes_with_its_finished_blocks_compacted(tm
 
     source = _save_sharded(_family("llama"), tmp_path / "source")
     batches, eval_batches = random_batches(num=2), random_batches(num=1, seed=5)
+    config = _structured(_FailsOnceAt(2), "owl", 0.6, False)
     with pytest.raises(RuntimeError, match="block 2"):
-        prune_streamed(source, torch.float32, _structured("wanda", "owl", 0.6, False, stop_at=2), batches,
-                       tmp_path / "out", eval_batches, progress=False)  # fmt: skip
+        prune_streamed(source, torch.float32, config, batches, tmp_path / "out", eval_batches, progress=False)
     saved = json.loads((partial_dir(tmp_path / "out") / "progress.json").read_text())
     assert saved["next_layer"] == 2 and set(saved["structure"]) == {"0.mlp", "0.heads", "1.mlp", "1.heads"}
-    resumed = prune_streamed(source, torch.float32, _structured("wanda", "owl", 0.6, False, stop_at=2), batches,
-                             tmp_path / "out", eval_batches, progress=False)  # fmt: skip
+    resumed = prune_streamed(source, torch.float32, config, batches, tmp_path / "out", eval_batches, progress=False)
     assert resumed.calibration["resumed_at_block"] == 2
     whole = prune_streamed(source, torch.float32, _structured("wanda", "owl", 0.6, False), batches,
                            tmp_path / "whole", eval_batches, progress=False)  # fmt: skip
@@ -275,28 +273,17 @@ class _CountingOWL(OWL):
         return super().allocate(context, target)
 
 
-class _FailsOnceAtBlock2(Wanda):
-    armed = True
-
-    def prune_block(self, block):
-        if block.layer == 2 and type(self).armed:
-            type(self).armed = False
-            raise RuntimeError("stopped at block 2")
-        return super().prune_block(block)
-
-
 class _FailsOnceAt(Wanda):
-    """Wanda that raises at block ``layer`` the first time an instance with the same ``layer`` gets there."""
-
-    failed: set[int] = set()
+    """Wanda that raises the first time it gets to block ``layer`` (a crash mid-run); the same instance, used again
+    for the resumed run, prunes it."""
 
     def __init__(self, layer: int) -> None:
         super().__init__()
-        self.layer = layer
+        self.layer, self.armed = layer, True
 
     def prune_block(self, block):
-        if block.layer == self.layer and self.layer not in self.failed:
-            self.failed.add(self.layer)
+        if block.layer == self.layer and self.armed:
+            self.armed = False
             raise RuntimeError(f"stopped at block {self.layer}")
         return super().prune_block(block)
 
@@ -305,7 +292,7 @@ def test_a_resumed_stream_reuses_the_saved_plan_instead_of_profiling_again(tmp_p
     from conftest import save_tiny_llama
 
     model_dir = save_tiny_llama(tmp_path / "tiny", layers=4)
-    config, batches = PruningConfig(0.6, _FailsOnceAtBlock2(), _CountingOWL()), random_batches(2)
+    config, batches = PruningConfig(0.6, _FailsOnceAt(2), _CountingOWL()), random_batches(2)
     with pytest.raises(RuntimeError, match="block 2"):
         prune_streamed(model_dir, torch.float32, config, batches, tmp_path / "out", progress=False)
     assert _CountingOWL.calls == 1

@@ -14,15 +14,7 @@ import argparse
 import time
 
 import torch
-
-
-def vm_hwm_mb() -> float:
-    """This process's peak resident set (Linux ``/proc/self/status``)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+from inference import _peak_rss_mb  # VmHWM: this process's own peak, not a parent's
 
 
 def _load_pruned(directory: str) -> str:
@@ -54,9 +46,9 @@ def main() -> None:
     sub.add_parser("load-pruned").add_argument("directory")
     sub.add_parser("fisher").add_argument("--sequences", type=int, default=None)
     args = parser.parse_args()
-    before, clock = vm_hwm_mb(), time.perf_counter()
+    before, clock = _peak_rss_mb(), time.perf_counter()
     what = _load_pruned(args.directory) if args.probe == "load-pruned" else _fisher(args.sequences)
-    print(f"{args.probe} ({what}): {time.perf_counter() - clock:.0f} s, VmHWM {before:.0f} -> {vm_hwm_mb():.0f} MB")
+    print(f"{args.probe} ({what}): {time.perf_counter() - clock:.0f} s, VmHWM {before:.0f} -> {_peak_rss_mb():.0f} MB")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Sequence (as Wanda/SparseGPT's sequential mode): block ``l`` is calibrated on the output of blocks ``< l``
 *as pruned*. Each block is handed to the method as a :class:`~mosaic_lightning.block.BlockContext` that computes
 calibration data only when the method reads it. Nothing is written into the model until every block has been
-processed: each block's result is held as pending masks (and, for reconstructing methods, new weights), the
+processed: each block's result is held as pending masks (and, for reconstructing methods, the new values of the
+kept weights only, so a pending SparseGPT result costs the density's share of the weights, not a full copy), the
 block runs with them swapped in to feed the next block, and only then are all results committed. So a bad
 input found at block 20 (NaN activations, say) raises with the model exactly as it was.
 
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .adapters import ModelAdapter, Projection
 from .allocation import AllocationContext, count_quanta, exact_counts
-from .block import BlockContext, InputStream, PruneResult, parameter_values, write_result
+from .block import BlockContext, InputStream, PruneResult, parameter_values
 from .config import PruningConfig
 from .masks import MaskStore
 from .report import ProjectionReport, PruningReport
@@ -50,7 +51,7 @@ class _Pending:
     """Pruning results, not yet written into the model."""
 
     keeps: dict[str, torch.Tensor] = field(default_factory=dict)  # projection key -> [out, in] keep mask
-    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # projection key -> [out, in] changed weight
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # projection key -> new kept values, 1-D
     removed: dict[str, list[int]] = field(default_factory=dict)  # unit group key -> removed unit indices
 
 
@@ -276,7 +277,7 @@ def _prune_block(adapter, layer: int, stream: InputStream, pattern, config: Prun
         result = results[proj.key]
         pruned.pending.keeps[proj.key] = result.keep
         if result.weight is not None:  # the method also changed kept weights (SparseGPT)
-            pruned.pending.weights[proj.key] = result.weight.masked_fill(~result.keep, 0)
+            pruned.pending.weights[proj.key] = result.weight[result.keep]  # row-major order of the [out, in] view
     produce = block.pruned_outputs()
     if produce is not None:
         stream.offer_pruned_outputs(layer, produce)
@@ -347,19 +348,30 @@ def _pending_values(adapter: ModelAdapter, layer: int, pending: _Pending) -> dic
         return None
 
     def edit(proj: Projection, view: torch.Tensor) -> None:
-        write_result(view, PruneResult(pending.keeps[proj.key], pending.weights.get(proj.key)))
+        _write_pending(view, pending.keeps[proj.key], pending.weights.get(proj.key))
 
     return parameter_values(projs, edit)
 
 
+def _write_pending(view: torch.Tensor, keep: torch.Tensor, kept_values: torch.Tensor | None) -> None:
+    """Write a pending result into a projection's ``[out, in]`` ``view``: pruned entries zero, the kept ones the
+    method's new values where it changed them (``kept_values``, in the row-major order of ``keep``)."""
+    if kept_values is None:
+        view.masked_fill_(~keep, 0)
+    else:
+        view.zero_().masked_scatter_(keep, kept_values.to(view.dtype))
+
+
 @torch.no_grad()
 def _commit(adapter: ModelAdapter, pending: _Pending, projections: list[Projection] | None = None) -> MaskStore:
-    """Write the pending results of ``projections`` (default: all) into the model; their mask store."""
+    """Write the pending results of ``projections`` (default: all) into the model; their mask store. The new
+    weights are dropped from ``pending`` as they are written (they are the model's now), so a commit does not
+    hold them twice."""
     projections = adapter.all_projections() if projections is None else projections
     for proj in projections:
         if proj.key in pending.weights:
             with gathered(proj.module, modify=True):
-                proj.weight_view().copy_(pending.weights[proj.key])
+                _write_pending(proj.weight_view(), pending.keeps[proj.key], pending.weights.pop(proj.key))
     return commit_masks(adapter, pending.keeps, projections)
 
 

@@ -4,9 +4,9 @@ Sequence (as Wanda/SparseGPT's sequential mode): block ``l`` is calibrated on th
 *as pruned*. Each block is handed to the method as a :class:`~mosaic_lightning.block.BlockContext` that computes
 calibration data only when the method reads it. Nothing is written into the model until every block has been
 processed: each block's result is held as pending masks (and, for reconstructing methods, the new values of the
-kept weights only, so a pending SparseGPT result costs the density's share of the weights, not a full copy), the
-block runs with them swapped in to feed the next block, and only then are all results committed. So a bad
-input found at block 20 (NaN activations, say) raises with the model exactly as it was.
+kept weights, in files in a temporary folder: :mod:`~mosaic_lightning.spill`), the block runs with them swapped in
+to feed the next block, and only then are all results committed. So a bad input found at block 20 (NaN
+activations, say) raises with the model exactly as it was, at the memory cost of the masks alone.
 
 Where a block is worked on is a :class:`~mosaic_lightning.residency.BlockResidency`: in place, on an execution
 device, or streamed from the source shards (:mod:`mosaic_lightning.shards`). A streamed block is committed and
@@ -15,8 +15,10 @@ written out as soon as the next block's inputs are computed from it (the source 
 
 from __future__ import annotations
 
+import pathlib
+import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -31,6 +33,7 @@ from .config import PruningConfig
 from .masks import MaskStore
 from .report import ProjectionReport, PruningReport
 from .residency import BlockResidency
+from .spill import SpilledTensors
 from .stats import sum_over_ranks
 from .structure import (
     UnitGroup,
@@ -51,7 +54,7 @@ class _Pending:
     """Pruning results, not yet written into the model."""
 
     keeps: dict[str, torch.Tensor] = field(default_factory=dict)  # projection key -> [out, in] keep mask
-    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # projection key -> new kept values, 1-D
+    weights: MutableMapping[str, torch.Tensor] = field(default_factory=dict)  # key -> new kept values, 1-D
     removed: dict[str, list[int]] = field(default_factory=dict)  # unit group key -> removed unit indices
 
 
@@ -113,13 +116,13 @@ def prune_model(
     plan = start.plan or plan_pruning(model, adapter, batches, config, progress, residency)
     report.timings["profile"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    with _eval_mode(model):
-        pruned = _sequential_prune(model, adapter, batches, config, plan, progress, residency, start)
-    report.timings["prune"] = time.perf_counter() - clock
-    masks = MaskStore()
-    if not residency.commits_each_block:
-        masks = _commit(adapter, pruned.pending)
-        pruned.rows = [_report_row(adapter, p, masks, plan, pruned.seconds) for p in projections]
+    with _eval_mode(model), _pending_weights_store(residency) as new_weights:
+        pruned = _sequential_prune(model, adapter, batches, config, plan, progress, residency, start, new_weights)
+        report.timings["prune"] = time.perf_counter() - clock
+        masks = MaskStore()
+        if not residency.commits_each_block:
+            masks = _commit(adapter, pruned.pending)
+            pruned.rows = [_report_row(adapter, p, masks, plan, pruned.seconds) for p in projections]
     report.calibration = {"batches": sum_over_ranks(len(batches)), "tokens": sum_over_ranks(pruned.tokens)}
     report.structure = pruned.pending.removed
     report.allocation = plan.allocation
@@ -219,6 +222,17 @@ def plan_pruning(
 
 
 @contextmanager
+def _pending_weights_store(residency: BlockResidency) -> Iterator[MutableMapping[str, torch.Tensor]]:
+    """Where pending new weights wait: in memory where each block is committed as soon as it is done (a block's
+    worth), else in files in a temporary folder until the commit (:mod:`~mosaic_lightning.spill`), removed after."""
+    if residency.commits_each_block:
+        yield {}
+        return
+    with tempfile.TemporaryDirectory(prefix="mosaic-pending-") as folder:
+        yield SpilledTensors(pathlib.Path(folder))
+
+
+@contextmanager
 def _eval_mode(model: nn.Module):
     """Calibration runs without dropout; the model's own mode is restored after."""
     was_training = model.training
@@ -231,12 +245,13 @@ def _eval_mode(model: nn.Module):
 
 def _sequential_prune(
     model, adapter, batches, config: PruningConfig, plan: Plan, progress: bool, residency: BlockResidency,
-    start: StartPoint,
+    start: StartPoint, new_weights: MutableMapping[str, torch.Tensor],
 ) -> _Pruned:  # fmt: skip
     """Block by block; see :class:`~mosaic_lightning.block.InputStream` for what ``sequential`` changes. With a
     residency that commits each block, a block's result is written into it (and reported) once the next block's
-    inputs are computed from it, and then the residency lets it go."""
-    pruned = _Pruned(_Pending(removed=dict(start.structure)), {}, 0, list(start.rows))
+    inputs are computed from it, and then the residency lets it go. ``new_weights``: where the pending new
+    weights are held."""
+    pruned = _Pruned(_Pending(weights=new_weights, removed=dict(start.structure)), {}, 0, list(start.rows))
     stream = InputStream(
         model, adapter, batches, config.sequential, lambda layer: _pending_values(adapter, layer, pruned.pending),
         residency, start.layer, start.hidden,
@@ -286,10 +301,10 @@ def _prune_block(adapter, layer: int, stream: InputStream, pattern, config: Prun
 
 
 def _to_weights_device(pending: _Pending, projections: list[Projection]) -> None:
+    """Keep masks off the execution device (new weights go to the weights' device as they are written)."""
     for proj in projections:
-        for results in (pending.keeps, pending.weights):
-            if proj.key in results:
-                results[proj.key] = results[proj.key].to(proj.weight.device)
+        if proj.key in pending.keeps:
+            pending.keeps[proj.key] = pending.keeps[proj.key].to(proj.weight.device)
 
 
 def _forget(pending: _Pending, projections: list[Projection]) -> None:
@@ -359,7 +374,7 @@ def _write_pending(view: torch.Tensor, keep: torch.Tensor, kept_values: torch.Te
     if kept_values is None:
         view.masked_fill_(~keep, 0)
     else:
-        view.zero_().masked_scatter_(keep, kept_values.to(view.dtype))
+        view.zero_().masked_scatter_(keep, kept_values.to(device=view.device, dtype=view.dtype))
 
 
 @torch.no_grad()

@@ -3,6 +3,8 @@ weight changes, layer streaming and sequential (pruned-input) calibration."""
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 import torch
 from conftest import (
@@ -200,7 +202,9 @@ def test_empty_calibration_set_raises_unchanged(arch_name):
 @pytest.mark.parametrize(
     ("method", "allocation"), [("wanda", "uniform"), ("sparsegpt", "uniform"), ("wanda", "mosaic")]
 )
-def test_nan_activations_in_block_one_raise_with_model_unchanged(method, allocation, calib_batches):
+def test_nan_activations_in_block_one_raise_with_model_unchanged(method, allocation, calib_batches, tmp_path,
+                                                                   monkeypatch):  # fmt: skip
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where block 0's pending new weights were held
     model = make_llama()
     with torch.no_grad():  # a non-targeted weight of block 1: its projections' inputs become NaN there
         model.model.layers[1].input_layernorm.weight[0] = float("nan")
@@ -210,6 +214,15 @@ def test_nan_activations_in_block_one_raise_with_model_unchanged(method, allocat
     assert "no weight was changed" in str(info.value)
     assert_state_unchanged(model, before)  # block 0 was processed, but nothing was committed
     assert _zeros(model, "llama")[0] == 0
+    assert list(tmp_path.iterdir()) == []  # and the folder holding its pending weights is gone
+
+
+def test_sparsegpt_leaves_no_files_behind(calib_batches, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = make_llama()
+    _run(model, calib_batches, sparsity=0.5, method="sparsegpt")
+    assert _zeros(model, "llama")[0] > 0
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_non_finite_embeddings_raise(calib_batches):

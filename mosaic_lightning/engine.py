@@ -379,9 +379,8 @@ def _write_pending(view: torch.Tensor, keep: torch.Tensor, kept_values: torch.Te
 
 @torch.no_grad()
 def _commit(adapter: ModelAdapter, pending: _Pending, projections: list[Projection] | None = None) -> MaskStore:
-    """Write the pending results of ``projections`` (default: all) into the model; their mask store. The new
-    weights are dropped from ``pending`` as they are written (they are the model's now), so a commit does not
-    hold them twice."""
+    """Write the pending results of ``projections`` (default: all) into the model; their mask store. New weights
+    leave ``pending`` as they are written (they are the model's now; held in files, their files go)."""
     projections = adapter.all_projections() if projections is None else projections
     for proj in projections:
         if proj.key in pending.weights:

@@ -20,9 +20,9 @@ on the same tokens. Kinds, each measured in a fresh subprocess, interleaved, ``-
   sequential pipeline, batch 1, block size 128, dampening 0.01). Its time includes what ``oneshot`` does besides
   pruning (building the dataloader, tracing the decoder layers into subgraphs): it is the call a user makes.
 
-Times exclude loading the model; peak RSS is the process's high-water mark (imports included: ours imports
-Lightning, the peer imports llm-compressor). After the timings the first repeat's pruned projections are loaded
-into the dense model one kind at a time and scored: achieved sparsity, perplexity on the first ``--eval-windows``
+Times exclude loading the model and importing the pruner; peak RSS is the process's high-water mark (imports
+included: ours imports Lightning, the peer llm-compressor). After the timings the first repeat's pruned projections
+are loaded into the dense model one kind at a time and scored: achieved sparsity, perplexity on the first ``--eval-windows``
 held-out windows, and the fraction of mask entries each pair of the same method agrees on.
 """
 
@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -44,38 +45,44 @@ PEER = "llmc:"
 
 
 def measure(kind: str, model_dir: str, calibration: pathlib.Path, save: pathlib.Path | None) -> dict:
-    """One measurement in this process: seconds and peak RSS; then (``save``) the pruned projections, written."""
+    """One measurement in this process: seconds and peak RSS; then (``save``) the pruned projections, written.
+    The pruner's imports happen before the clock starts, as the model's loading does."""
     import transformers
     from safetensors.torch import load_file
 
     ids = load_file(str(calibration))["input_ids"]
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    method = kind.removeprefix(PEER)
+    run = _runner(kind)
     clock = time.perf_counter()
-    if method == "forward1":
-        with torch.no_grad():
-            for row in ids:
-                model(input_ids=row[None], use_cache=False)
-    elif kind.startswith(PEER):
-        _prune_with_llm_compressor(model, method, ids)
-    else:
-        _prune_with_ours(model, kind, ids)
+    run(model, ids)
     result = {"kind": kind, "seconds": time.perf_counter() - clock, "transformers": transformers.__version__,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
-    if save is not None and method != "forward1":
+    if save is not None and not kind.endswith("forward1"):
         _save_projections(model, save)
     return result
 
 
-def _prune_with_ours(model: torch.nn.Module, kind: str, ids: torch.Tensor) -> None:
+def _runner(kind: str) -> Callable[[torch.nn.Module, torch.Tensor], None]:
+    method = kind.removeprefix(PEER)
+    if method == "forward1":
+        return _forward_batch_1
+    if kind.startswith(PEER):
+        return _llm_compressor_pruner(method)
     from speed import _config
 
     from mosaic_lightning import prune_model
 
-    prune_model(model, list(ids.split(4)), _config(kind), progress=False)  # 4 sequences a batch, as the CLI
+    config = _config(kind)
+    return lambda model, ids: prune_model(model, list(ids.split(4)), config, progress=False)  # 4 a batch, as the CLI
 
 
-def _prune_with_llm_compressor(model: torch.nn.Module, method: str, ids: torch.Tensor) -> None:
+@torch.no_grad()
+def _forward_batch_1(model: torch.nn.Module, ids: torch.Tensor) -> None:
+    for row in ids:
+        model(input_ids=row[None], use_cache=False)
+
+
+def _llm_compressor_pruner(method: str) -> Callable[[torch.nn.Module, torch.Tensor], None]:
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.obcq import SparseGPTModifier
@@ -84,10 +91,14 @@ def _prune_with_llm_compressor(model: torch.nn.Module, method: str, ids: torch.T
     modifiers = {"wanda": WandaPruningModifier, "sparsegpt": SparseGPTModifier}
     if method not in modifiers:
         raise SystemExit(f"kind {PEER}{method!r}: allowed {', '.join(PEER + name for name in modifiers)}")
-    modifier = modifiers[method](sparsity=0.5, targets=["Linear"], ignore=["re:.*lm_head"])
-    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
-    oneshot(model=model, dataset=dataset, recipe=[modifier], num_calibration_samples=len(ids),
-            max_seq_length=ids.shape[1], shuffle_calibration_samples=False)  # fmt: skip
+
+    def prune(model: torch.nn.Module, ids: torch.Tensor) -> None:
+        modifier = modifiers[method](sparsity=0.5, targets=["Linear"], ignore=["re:.*lm_head"])
+        dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+        oneshot(model=model, dataset=dataset, recipe=[modifier], num_calibration_samples=len(ids),
+                max_seq_length=ids.shape[1], shuffle_calibration_samples=False)  # fmt: skip
+
+    return prune
 
 
 def _save_projections(model: torch.nn.Module, path: pathlib.Path) -> None:

@@ -22,8 +22,8 @@ on the same tokens. Kinds, each measured in a fresh subprocess, interleaved, ``-
 
 Times exclude loading the model and importing the pruner; peak RSS is the process's high-water mark (imports
 included: ours imports Lightning, the peer llm-compressor). After the timings the first repeat's pruned projections
-are loaded into the dense model one kind at a time and scored: achieved sparsity, perplexity on the first ``--eval-windows``
-held-out windows, and the fraction of mask entries each pair of the same method agrees on.
+are loaded into the dense model one kind at a time and scored: achieved sparsity, perplexity on the first
+``--eval-windows`` held-out windows, and the fraction of mask entries each pair of the same method agrees on.
 """
 
 from __future__ import annotations

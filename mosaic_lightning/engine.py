@@ -4,9 +4,9 @@ Sequence (as Wanda/SparseGPT's sequential mode): block ``l`` is calibrated on th
 *as pruned*. Each block is handed to the method as a :class:`~mosaic_lightning.block.BlockContext` that computes
 calibration data only when the method reads it. Nothing is written into the model until every block has been
 processed: each block's result is held as pending masks (and, for reconstructing methods, the new values of the
-kept weights, in files in a temporary folder: :mod:`~mosaic_lightning.spill`), the block runs with them swapped in
+kept weights), in files in a temporary folder (:mod:`~mosaic_lightning.spill`), the block runs with them swapped in
 to feed the next block, and only then are all results committed. So a bad input found at block 20 (NaN
-activations, say) raises with the model exactly as it was, at the memory cost of the masks alone.
+activations, say) raises with the model exactly as it was, at no memory cost until the commit.
 
 Where a block is worked on is a :class:`~mosaic_lightning.residency.BlockResidency`: in place, on an execution
 device, or streamed from the source shards (:mod:`mosaic_lightning.shards`). A streamed block is committed and
@@ -31,6 +31,7 @@ from .allocation import AllocationContext, count_quanta, exact_counts
 from .block import BlockContext, InputStream, PruneResult, parameter_values
 from .config import PruningConfig
 from .masks import MaskStore
+from .memory import release_freed_memory
 from .report import ProjectionReport, PruningReport
 from .residency import BlockResidency
 from .spill import SpilledTensors
@@ -53,7 +54,7 @@ from .zero import full_shape, gathered
 class _Pending:
     """Pruning results, not yet written into the model."""
 
-    keeps: dict[str, torch.Tensor] = field(default_factory=dict)  # projection key -> [out, in] keep mask
+    keeps: MutableMapping[str, torch.Tensor] = field(default_factory=dict)  # projection key -> [out, in] keep
     weights: MutableMapping[str, torch.Tensor] = field(default_factory=dict)  # key -> new kept values, 1-D
     removed: dict[str, list[int]] = field(default_factory=dict)  # unit group key -> removed unit indices
 
@@ -116,8 +117,8 @@ def prune_model(
     plan = start.plan or plan_pruning(model, adapter, batches, config, progress, residency)
     report.timings["profile"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    with _eval_mode(model), _pending_weights_store(residency) as new_weights:
-        pruned = _sequential_prune(model, adapter, batches, config, plan, progress, residency, start, new_weights)
+    with _eval_mode(model), _pending_store(residency, start) as pending:
+        pruned = _sequential_prune(model, adapter, batches, config, plan, progress, residency, start, pending)
         report.timings["prune"] = time.perf_counter() - clock
         masks = MaskStore()
         if not residency.commits_each_block:
@@ -222,14 +223,17 @@ def plan_pruning(
 
 
 @contextmanager
-def _pending_weights_store(residency: BlockResidency) -> Iterator[MutableMapping[str, torch.Tensor]]:
-    """Where pending new weights wait: in memory where each block is committed as soon as it is done (a block's
-    worth), else in files in a temporary folder until the commit (:mod:`~mosaic_lightning.spill`), removed after."""
+def _pending_store(residency: BlockResidency, start: StartPoint) -> Iterator[_Pending]:
+    """Where pending results (keep masks, new weights) wait: in memory where each block is committed as soon as
+    it is done (a block's worth), else in files in a temporary folder until the commit
+    (:mod:`~mosaic_lightning.spill`), removed after."""
     if residency.commits_each_block:
-        yield {}
+        yield _Pending(removed=dict(start.structure))
         return
     with tempfile.TemporaryDirectory(prefix="mosaic-pending-") as folder:
-        yield SpilledTensors(pathlib.Path(folder))
+        keeps, weights = pathlib.Path(folder, "keeps"), pathlib.Path(folder, "weights")
+        keeps.mkdir(), weights.mkdir()
+        yield _Pending(SpilledTensors(keeps), SpilledTensors(weights), dict(start.structure))
 
 
 @contextmanager
@@ -245,13 +249,12 @@ def _eval_mode(model: nn.Module):
 
 def _sequential_prune(
     model, adapter, batches, config: PruningConfig, plan: Plan, progress: bool, residency: BlockResidency,
-    start: StartPoint, new_weights: MutableMapping[str, torch.Tensor],
+    start: StartPoint, pending: _Pending,
 ) -> _Pruned:  # fmt: skip
     """Block by block; see :class:`~mosaic_lightning.block.InputStream` for what ``sequential`` changes. With a
     residency that commits each block, a block's result is written into it (and reported) once the next block's
-    inputs are computed from it, and then the residency lets it go. ``new_weights``: where the pending new
-    weights are held."""
-    pruned = _Pruned(_Pending(weights=new_weights, removed=dict(start.structure)), {}, 0, list(start.rows))
+    inputs are computed from it, and then the residency lets it go. ``pending``: where the results wait."""
+    pruned = _Pruned(pending, {}, 0, list(start.rows))
     stream = InputStream(
         model, adapter, batches, config.sequential, lambda layer: _pending_values(adapter, layer, pruned.pending),
         residency, start.layer, start.hidden,
@@ -273,6 +276,7 @@ def _sequential_prune(
         finally:
             residency.unload(layer)
         _to_weights_device(pruned.pending, adapter.projections(layer))  # off the execution device
+        release_freed_memory()  # the block's temporary tensors, so the next block starts from the same level
     pruned.tokens = stream.tokens
     return pruned
 
@@ -303,8 +307,9 @@ def _prune_block(adapter, layer: int, stream: InputStream, pattern, config: Prun
 def _to_weights_device(pending: _Pending, projections: list[Projection]) -> None:
     """Keep masks off the execution device (new weights go to the weights' device as they are written)."""
     for proj in projections:
-        if proj.key in pending.keeps:
-            pending.keeps[proj.key] = pending.keeps[proj.key].to(proj.weight.device)
+        keep = pending.keeps.get(proj.key)
+        if keep is not None and keep.device != proj.weight.device:
+            pending.keeps[proj.key] = keep.to(proj.weight.device)
 
 
 def _forget(pending: _Pending, projections: list[Projection]) -> None:

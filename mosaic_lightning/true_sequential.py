@@ -11,19 +11,23 @@ weights. Nothing is computed twice that costs a matmul:
 - a projection not yet pruned is stood in for by a probe that records its input and returns zeros (its real
   output is not needed: the pass stops at the first projection fed something else);
 - a pruned projection computes once, in the first pass after it was pruned, and its output per batch is cached
-  and replayed after;
+  and replayed after (the first batch's only, where the next pass needs no more: below);
 - a submodule of the block whose projections are all pruned (the attention, an MLP) is cached and replayed as a
   whole once it has run;
 - a stage of one projection (o, down) keeps its recorded inputs for the next pass; if that projection's output
   is its submodule's output (checked on the first batch: the same tensor object, nothing else but ``None``
   returned beside it), the submodule is shortcut to that projection on its kept input for the other batches, so
-  the attention itself (scores, softmax), which fed o in o's own pass, is not run again.
+  the attention itself (scores, softmax), which fed o in o's own pass, is not run again. So in the pass of such
+  a stage, the pruned projections inside the submodule it completes (q/k/v in o's pass, gate/up in down's) are
+  cached for the first batch only: the next pass needs them for that batch alone. Where the submodule turns out
+  not to return its projection's output (eager attention returns its weights beside it), the next pass runs them
+  pruned again on the other batches: the same results, their matmuls once more.
 
 So the block costs about one forward pass (the attention once more for the first batch); the last pass gives the
 block's output (the next block's input) with every projection pruned, equal to running the pruned block.
-Memory: the cached outputs and kept inputs, at most about ``(d + 3 d_ff) x tokens`` values in the model's dtype
-(Llama: gate/up's outputs and down's inputs), beside the block's input and output that sequential calibration
-holds anyway.
+Memory: the cached outputs and kept inputs, at most about ``(d + d_ff) x tokens`` values in the model's dtype
+(Llama: the attention's output and down's inputs; gate/up's outputs would add ``2 d_ff x tokens`` if they were
+cached for every batch), beside the block's input and output that sequential calibration holds anyway.
 
 Stages are found from the forward itself (which projections receive the very same tensor object), so nothing is
 written per architecture; a fused projection module (GPT-2's ``c_attn``) is one stage member. Cached tensors are
@@ -57,6 +61,7 @@ class TrueSequentialRun:
         self.stats: dict[int, InputStatistics] = {}
         self.pruned: dict[int, dict[nn.Parameter, torch.Tensor]] = {}  # module -> its pruned parameter values
         self.cache: dict[int, list] = {}  # module or submodule -> its output per batch
+        self.first_batch_only: set[int] = set()  # cached modules whose cache holds the first batch alone
         self.kept_inputs: dict[int, list[torch.Tensor]] = {}  # the last one-projection stage's inputs per batch
         self.can_stop = not any(is_partitioned(p) for p in block.parameters())
         self.batch = 0  # the batch being run, for the replays
@@ -85,6 +90,7 @@ class TrueSequentialRun:
                 return [first_output(self._run(i)) for i in range(len(self.inputs.hidden))]
         finally:
             self.cache.clear()
+            self.first_batch_only.clear()
             self.kept_inputs.clear()
 
     # -- one pass ------------------------------------------------------------------------------------------------
@@ -118,12 +124,12 @@ class TrueSequentialRun:
         and are cached; modules not pruned yet are probed. Restored after."""
         sealed = self._sealed_submodules()
         with ExitStack() as stack:
-            values = {p: v for key, vs in self.pruned.items() if key not in self.cache for p, v in vs.items()}
-            stack.enter_context(swapped_weights(values))
+            runs = [key for key in self.pruned if key not in self.cache or key in self.first_batch_only]
+            stack.enter_context(swapped_weights({p: v for key in runs for p, v in self.pruned[key].items()}))
             newly_cached = []
             for key, module in [*self.modules.items(), *sealed.items()]:
                 if key in self.cache:
-                    stack.enter_context(_forward_replaced(module, self._replay(key)))
+                    stack.enter_context(_forward_replaced(module, self._replay(key, module.forward)))
                 elif key in self.pruned or key in sealed:
                     outermost = not _inside_any(module, sealed, key)
                     if caching and outermost:
@@ -136,12 +142,17 @@ class TrueSequentialRun:
                     stack.enter_context(_forward_replaced(module, probe.forward_of(module)))
             yield
         for key in newly_cached:
-            if len(self.cache[key]) != len(self.inputs.hidden):  # ran after the stage (pruned out of order)
-                del self.cache[key]
+            expected = 1 if key in self.first_batch_only else len(self.inputs.hidden)
+            if len(self.cache[key]) != expected:  # ran after the stage (pruned out of order)
+                self._uncache(key)
             elif key in sealed:  # the submodule replays as a whole now: its modules' outputs are not needed
                 for inner in sealed[key].modules():
                     if id(inner) != key:
-                        self.cache.pop(id(inner), None)
+                        self._uncache(id(inner))
+
+    def _uncache(self, key: int) -> None:
+        self.cache.pop(key, None)
+        self.first_batch_only.discard(key)
 
     def _sealed_submodules(self) -> dict[int, nn.Module]:
         """Submodules of the block (not the block, not a projection) holding projections, all of them pruned."""
@@ -163,18 +174,41 @@ class TrueSequentialRun:
             stack.callback(inner[0].register_forward_hook(shortcut.record).remove)
             stack.enter_context(_forward_replaced(submodule, shortcut.forward))
 
-    def _replay(self, key: int) -> Callable:
-        def forward(*_args, **_kwargs):
-            return _copied(self.cache[key][self.batch])
+    def _replay(self, key: int, run: Callable) -> Callable:
+        """The cached output of the batch being run; ``run`` (the module, pruned) for a batch not cached."""
+
+        def forward(*args, **kwargs):
+            cached = self.cache[key]
+            return _copied(cached[self.batch]) if self.batch < len(cached) else run(*args, **kwargs)
 
         return forward
 
     def _recorder(self, key: int, probe: _Stage | None) -> Callable:
         def hook(_module, _args, output):
-            if probe is None or not probe.diverged:  # past the stage the inputs are zeros (ZeRO-3 runs on)
+            if probe is not None and probe.diverged:  # past the stage the inputs are zeros (ZeRO-3 runs on)
+                return
+            if self.batch > 0 and self._first_batch_suffices(key, probe):
+                self.first_batch_only.add(key)
+            else:
                 self.cache[key].append(_copied(output))
 
         return hook
+
+    def _first_batch_suffices(self, key: int, probe: _Stage | None) -> bool:
+        """Whether the next pass needs ``key``'s output of the first batch only: this pass's stage is one
+        projection, whose inputs are kept, and pruning it seals a submodule holding ``key``, which the next pass
+        shortcuts to that projection from the second batch on (see :class:`_Shortcut`)."""
+        if probe is None or not self.can_stop or len(probe.members) != 1:
+            return False
+        member = self.modules[probe.members[0]]
+        pruned = {*self.pruned, id(member)}
+        for submodule in self.block.modules():
+            inner = {id(m) for m in submodule.modules()}
+            if submodule is self.block or id(member) not in inner or id(submodule) == key or key not in inner:
+                continue
+            if all(k in pruned for k in inner if k in self.modules):
+                return True
+        return False
 
 
 class _Shortcut:

@@ -156,3 +156,21 @@ def test_the_attention_runs_once_per_batch_plus_two(arch, monkeypatch):
     batches = random_batches(num=4)
     model = _pruned(arch, batches, "wanda", True)
     assert len(calls) == model.config.num_hidden_layers * (len(batches) + 2)
+
+
+@pytest.mark.parametrize(("attention", "runs_per_layer"), [("sdpa", lambda b: b), ("eager", lambda b: 2 * b - 1)])
+def test_q_runs_once_per_batch_unless_the_attention_cannot_be_shortcut(attention, runs_per_layer, monkeypatch):
+    """In o's pass q/k/v run pruned and only their first batch's outputs are kept (the pass after o's needs no
+    more where it takes the attention's output from o). SDPA attention returns o's output alone: q runs once per
+    batch. Eager attention also returns its weights, so the pass after o's runs the attention on every batch, and q
+    with it on every batch but the first: memory traded for those matmuls, with the same results (above)."""
+    linear = torch.nn.functional.linear
+    model = BUILDERS["llama"]()
+    q_weights = {id(layer.self_attn.q_proj.weight) for layer in model.model.layers}
+    calls = []
+    monkeypatch.setattr(torch.nn.functional, "linear",
+                        lambda x, w, b=None: calls.append(id(w) in q_weights) or linear(x, w, b))  # fmt: skip
+    model.set_attn_implementation(attention)
+    batches = random_batches(num=4)
+    prune_model(model, batches, PruningConfig(sparsity=SPARSITY, true_sequential=True), progress=False)
+    assert sum(calls) == model.config.num_hidden_layers * runs_per_layer(len(batches))

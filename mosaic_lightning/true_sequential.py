@@ -124,8 +124,8 @@ class TrueSequentialRun:
         and are cached; modules not pruned yet are probed. Restored after."""
         sealed = self._sealed_submodules()
         with ExitStack() as stack:
-            runs = [key for key in self.pruned if key not in self.cache or key in self.first_batch_only]
-            stack.enter_context(swapped_weights({p: v for key in runs for p, v in self.pruned[key].items()}))
+            computed = [key for key in self.pruned if key not in self.cache or key in self.first_batch_only]
+            stack.enter_context(swapped_weights({p: v for key in computed for p, v in self.pruned[key].items()}))
             newly_cached = []
             for key, module in [*self.modules.items(), *sealed.items()]:
                 if key in self.cache:

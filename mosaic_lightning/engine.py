@@ -31,7 +31,6 @@ from .allocation import AllocationContext, count_quanta, exact_counts
 from .block import BlockContext, InputStream, PruneResult, parameter_values
 from .config import PruningConfig
 from .masks import MaskStore
-from .memory import release_freed_memory
 from .report import ProjectionReport, PruningReport
 from .residency import BlockResidency
 from .spill import SpilledTensors
@@ -276,7 +275,6 @@ def _sequential_prune(
         finally:
             residency.unload(layer)
         _to_weights_device(pruned.pending, adapter.projections(layer))  # off the execution device
-        release_freed_memory()  # the block's temporary tensors, so the next block starts from the same level
     pruned.tokens = stream.tokens
     return pruned
 

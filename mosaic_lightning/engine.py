@@ -231,7 +231,8 @@ def _pending_store(residency: BlockResidency, start: StartPoint) -> Iterator[_Pe
         return
     with tempfile.TemporaryDirectory(prefix="mosaic-pending-") as folder:
         keeps, weights = pathlib.Path(folder, "keeps"), pathlib.Path(folder, "weights")
-        keeps.mkdir(), weights.mkdir()
+        keeps.mkdir()
+        weights.mkdir()
         yield _Pending(SpilledTensors(keeps), SpilledTensors(weights), dict(start.structure))
 
 

@@ -23,7 +23,7 @@ import torch
 from quality import calibration_and_heldout
 
 from mosaic_lightning import PruningConfig, prune_model
-from mosaic_lightning.assets import BUNDLED_MODEL, load_causal_lm, load_tokenizer
+from mosaic_lightning.core.assets import BUNDLED_MODEL, load_causal_lm, load_tokenizer
 
 
 @torch.no_grad()

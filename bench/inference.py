@@ -31,7 +31,7 @@ KINDS = ["dense", "composite-masked", "composite-compacted", "structured-30-comp
 
 
 def _calibration(samples: int = 16, seq_len: int = 512) -> list[torch.Tensor]:
-    from mosaic_lightning.assets import BUNDLED_MODEL, load_tokenizer, wikipedia_split
+    from mosaic_lightning.core.assets import BUNDLED_MODEL, load_tokenizer, wikipedia_split
     from mosaic_lightning.lit.data import TokenWindows
 
     train, _ = wikipedia_split()
@@ -44,7 +44,7 @@ def _calibration(samples: int = 16, seq_len: int = 512) -> list[torch.Tensor]:
 def prepare(kinds: list[str]) -> None:
     """Prune and save the model variants these kinds need, once (skipped when present)."""
     from mosaic_lightning import PruningConfig, compact_model, prune_model, save_pruned
-    from mosaic_lightning.assets import BUNDLED_MODEL, load_causal_lm, load_tokenizer
+    from mosaic_lightning.core.assets import BUNDLED_MODEL, load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(BUNDLED_MODEL)
     batches = _calibration()
@@ -68,7 +68,7 @@ def prepare(kinds: list[str]) -> None:
 
 
 def _path(kind: str) -> str:
-    from mosaic_lightning.assets import ensure_bundled_fp32
+    from mosaic_lightning.core.assets import ensure_bundled_fp32
 
     return str(ensure_bundled_fp32()) if kind == "dense" else str(MODELS / kind)
 

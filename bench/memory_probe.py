@@ -29,10 +29,10 @@ def _load_pruned(directory: str) -> str:
 def _fisher(sequences: int | None) -> str:
     from speed import _calibration
 
-    from mosaic_lightning.adapters import ModelAdapter
     from mosaic_lightning.allocation import AllocationContext
     from mosaic_lightning.allocation.msp import fisher_trace
-    from mosaic_lightning.assets import BUNDLED_MODEL, load_causal_lm
+    from mosaic_lightning.core.adapters import ModelAdapter
+    from mosaic_lightning.core.assets import BUNDLED_MODEL, load_causal_lm
 
     model = load_causal_lm(BUNDLED_MODEL).eval()
     context = AllocationContext(model, ModelAdapter(model), _calibration(32, 512), progress=False)

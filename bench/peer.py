@@ -116,7 +116,7 @@ def score(model_dir: str, saved: dict[str, pathlib.Path], heldout: list[torch.Te
     from safetensors.torch import load_file
 
     from mosaic_lightning import perplexity
-    from mosaic_lightning.assets import load_causal_lm
+    from mosaic_lightning.core.assets import load_causal_lm
 
     scores: dict[str, dict] = {"dense": {"ppl": perplexity(load_causal_lm(model_dir), heldout, progress=False)}}
     for kind, path in saved.items():
@@ -153,7 +153,7 @@ def _write_calibration(path: pathlib.Path, samples: int, seq_len: int) -> None:
 def _heldout(samples: int, windows: int, seq_len: int) -> list[torch.Tensor]:
     from quality import calibration_and_heldout
 
-    from mosaic_lightning.assets import BUNDLED_MODEL, load_tokenizer
+    from mosaic_lightning.core.assets import BUNDLED_MODEL, load_tokenizer
 
     return calibration_and_heldout(load_tokenizer(BUNDLED_MODEL), samples, windows, seq_len)[1]
 
@@ -218,7 +218,7 @@ def main() -> None:
     if missing:
         raise SystemExit(f"--kinds: add {', '.join(missing)}, the baseline of its environment's kinds")
 
-    from mosaic_lightning.assets import ensure_bundled_fp32
+    from mosaic_lightning.core.assets import ensure_bundled_fp32
 
     model_dir = str(ensure_bundled_fp32())
     with tempfile.TemporaryDirectory() as folder:

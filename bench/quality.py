@@ -18,9 +18,9 @@ import torch
 
 from mosaic_lightning import PruningConfig, compact_model, perplexity, prune_model
 from mosaic_lightning.allocation import MSP
-from mosaic_lightning.assets import BUNDLED_MODEL, load_causal_lm, load_tokenizer, wikipedia_split
+from mosaic_lightning.core.assets import BUNDLED_MODEL, load_causal_lm, load_tokenizer, wikipedia_split
+from mosaic_lightning.evaluation.zero_shot import metric_cell, task_manager, zero_shot_accuracy
 from mosaic_lightning.lit.data import TokenWindows
-from mosaic_lightning.zero_shot import metric_cell, task_manager, zero_shot_accuracy
 
 ROWS = [
     ("magnitude", "uniform"),

@@ -36,7 +36,7 @@ import torch
 
 
 def _calibration(samples: int, seq_len: int) -> list[torch.Tensor]:
-    from mosaic_lightning.assets import BUNDLED_MODEL, load_tokenizer, wikipedia_split
+    from mosaic_lightning.core.assets import BUNDLED_MODEL, load_tokenizer, wikipedia_split
     from mosaic_lightning.lit.data import TokenWindows
 
     train, _ = wikipedia_split()
@@ -49,7 +49,7 @@ def _calibration(samples: int, seq_len: int) -> list[torch.Tensor]:
 def measure(kind: str, samples: int, seq_len: int) -> dict:
     """One measurement in this process: seconds and peak RSS."""
     from mosaic_lightning import prune_model
-    from mosaic_lightning.assets import BUNDLED_MODEL, load_causal_lm
+    from mosaic_lightning.core.assets import BUNDLED_MODEL, load_causal_lm
 
     batches = _calibration(samples, seq_len)
     if kind.startswith("stream:"):
@@ -88,8 +88,8 @@ def _config(kind: str):
 def _measure_streamed(kind: str, batches: list[torch.Tensor]) -> dict:
     import tempfile
 
-    from mosaic_lightning.assets import ensure_bundled_fp32
-    from mosaic_lightning.stream_job import prune_streamed
+    from mosaic_lightning.core.assets import ensure_bundled_fp32
+    from mosaic_lightning.streaming.job import prune_streamed
 
     source = ensure_bundled_fp32()
     config = _config(kind)

@@ -86,7 +86,7 @@ def write_random_llama(folder: pathlib.Path, layers: int, hidden: int, mlp: int,
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    from mosaic_lightning.assets import BUNDLED_MODEL, load_tokenizer
+    from mosaic_lightning.core.assets import BUNDLED_MODEL, load_tokenizer
 
     tokenizer = load_tokenizer(BUNDLED_MODEL)
     config = LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,

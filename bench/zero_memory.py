@@ -90,7 +90,7 @@ def _optimizer_bytes(trainer, model) -> dict:
     """fp32 master partitions, Adam moments and gradient buffers this rank holds (best effort, MiB)."""
     engine = None
     if "deepspeed" in sys.modules:
-        from mosaic_lightning.zero import deepspeed_engine
+        from mosaic_lightning.core.zero import deepspeed_engine
 
         engine = deepspeed_engine(trainer)
     if engine is None:
@@ -111,7 +111,7 @@ def _optimizer_bytes(trainer, model) -> dict:
 
 def _masked_zero_fraction(callback, model) -> float:
     """Fraction of zeros in this rank's share of the pruned projections (the masks hold after the steps)."""
-    from mosaic_lightning.masks import named_parameters
+    from mosaic_lightning.core.masks import named_parameters
 
     params = named_parameters(model)
     zeros = total = 0

@@ -11,23 +11,23 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "ArchitectureSpec": "adapters",
+    "ArchitectureSpec": "core.adapters",
     "CausalLM": "lit",
     "CompactOnFitEnd": "callbacks",
     "LoRARecovery": "callbacks",
-    "MaskStore": "masks",
-    "ModelAdapter": "adapters",
+    "MaskStore": "core.masks",
+    "ModelAdapter": "core.adapters",
     "MosaicPruning": "callbacks",
-    "PruningConfig": "config",
-    "PruningOutcome": "engine",
-    "PruningReport": "report",
+    "PruningConfig": "pruning.config",
+    "PruningOutcome": "pruning.engine",
+    "PruningReport": "core.report",
     "TextDataModule": "lit",
-    "compact_model": "compact",
-    "consolidated_copy": "consolidate",
-    "load_pruned": "compact",
-    "perplexity": "evaluation",
-    "prune_model": "engine",
-    "save_pruned": "export",
+    "compact_model": "export.compact",
+    "consolidated_copy": "core.consolidate",
+    "load_pruned": "export.compact",
+    "perplexity": "evaluation.perplexity",
+    "prune_model": "pruning.engine",
+    "save_pruned": "export.save",
 }
 __all__ = [
     "ArchitectureSpec",
@@ -50,17 +50,17 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .adapters import ArchitectureSpec, ModelAdapter
     from .callbacks import CompactOnFitEnd, LoRARecovery, MosaicPruning
-    from .compact import compact_model, load_pruned
-    from .config import PruningConfig
-    from .consolidate import consolidated_copy
-    from .engine import PruningOutcome, prune_model
-    from .evaluation import perplexity
-    from .export import save_pruned
+    from .core.adapters import ArchitectureSpec, ModelAdapter
+    from .core.consolidate import consolidated_copy
+    from .core.masks import MaskStore
+    from .core.report import PruningReport
+    from .evaluation.perplexity import perplexity
+    from .export.compact import compact_model, load_pruned
+    from .export.save import save_pruned
     from .lit import CausalLM, TextDataModule
-    from .masks import MaskStore
-    from .report import PruningReport
+    from .pruning.config import PruningConfig
+    from .pruning.engine import PruningOutcome, prune_model
 
 
 def __getattr__(name: str) -> Any:

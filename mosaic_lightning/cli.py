@@ -15,17 +15,18 @@ from lightning.pytorch import Callback
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from .assets import local_model_dir
 from .callbacks import CompactOnFitEnd, MosaicPruning
 from .callbacks.compact_on_fit_end import final_model
-from .checkpoints import check_checkpoint
-from .evaluation import perplexity
-from .export import check_export_dir, save_pruned
+from .callbacks.zero_shot import ZeroShotAccuracy
+from .core.assets import local_model_dir
+from .evaluation.perplexity import perplexity
+from .evaluation.zero_shot import check_task_options, evaluation_table
+from .export.checkpoints import check_checkpoint
+from .export.save import check_export_dir, save_pruned
 from .lit import CausalLM, TextDataModule
 from .lit.module import DTYPES
-from .stream_job import check_streamable, prune_streamed
+from .streaming.job import check_streamable, prune_streamed
 from .trainer_access import causal_lm, find_callback
-from .zero_shot import ZeroShotAccuracy, check_task_options, evaluation_table
 
 
 class MosaicCLI(LightningCLI):

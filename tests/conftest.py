@@ -209,7 +209,7 @@ def tiny_model_dir(tmp_path) -> Path:
 
 def save_tiny_llama(folder: Path, layers: int = 2) -> Path:
     """What ``tiny_model_dir`` holds, saved into ``folder`` (for fixtures of a wider scope than one test)."""
-    from mosaic_lightning.assets import BUNDLED_MODEL, load_tokenizer
+    from mosaic_lightning.core.assets import BUNDLED_MODEL, load_tokenizer
 
     tokenizer = load_tokenizer(BUNDLED_MODEL)
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from mosaic_lightning.adapters import ArchitectureSpec, ModelAdapter, detect_architecture
+from mosaic_lightning.core.adapters import ArchitectureSpec, ModelAdapter, detect_architecture
 
 LLAMA_EXPECTED = {
     "q": ("self_attn.q_proj", (64, 64)),

@@ -12,9 +12,9 @@ from conftest import BUILDERS, TARGET_PARAMS, TinyLM
 from torch.utils.data import DataLoader
 
 from mosaic_lightning import MosaicPruning
-from mosaic_lightning.adapters import ModelAdapter
-from mosaic_lightning.engine import plan_pruning
-from mosaic_lightning.patterns import parse_pattern
+from mosaic_lightning.core.adapters import ModelAdapter
+from mosaic_lightning.core.patterns import parse_pattern
+from mosaic_lightning.pruning.engine import plan_pruning
 from mosaic_lightning.schedules import ADMM, sparse_projection
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")

@@ -11,7 +11,6 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mosaic_lightning import PruningConfig, prune_model
-from mosaic_lightning.adapters import ModelAdapter
 from mosaic_lightning.allocation import (
     OWL,
     AllocationContext,
@@ -21,6 +20,7 @@ from mosaic_lightning.allocation import (
     outlier_ratios,
     resolve_allocation,
 )
+from mosaic_lightning.core.adapters import ModelAdapter
 
 
 def _outward_bounds(n: int, lo: float, hi: float) -> tuple[int, int]:

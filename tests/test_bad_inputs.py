@@ -13,7 +13,7 @@ import torch
 from conftest import assert_state_unchanged, make_llama, random_batches, state_copy, write_text_files
 
 from mosaic_lightning import PruningConfig, prune_model
-from mosaic_lightning.export import check_export_dir
+from mosaic_lightning.export.save import check_export_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ from conftest import write_text_files
 from safetensors.torch import load_file, save_file
 
 from mosaic_lightning import CausalLM, TextDataModule
-from mosaic_lightning.assets import load_causal_lm, load_tokenizer
+from mosaic_lightning.core.assets import load_causal_lm, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

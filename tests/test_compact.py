@@ -10,7 +10,7 @@ from conftest import BUILDERS, TARGET_PARAMS, assert_state_unchanged, make_llama
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from mosaic_lightning import PruningConfig, compact_model, load_pruned, prune_model, save_pruned
-from mosaic_lightning.structure import check_kept_heads
+from mosaic_lightning.core.structure import check_kept_heads
 
 INPUT = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(7))
 

@@ -102,7 +102,7 @@ def test_failure_while_compressing_leaves_nothing(llama, tmp_path, monkeypatch):
     def disk_full(directory, entry):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("mosaic_lightning.compressed.write_config_entry", disk_full)
+    monkeypatch.setattr("mosaic_lightning.export.compressed.write_config_entry", disk_full)
     with pytest.raises(OSError, match="No space left"):
         save_pruned(_pruned(llama), None, tmp_path / "packed", compress=True)
     assert list(tmp_path.iterdir()) == []  # no target, no temp dir with the shards already written

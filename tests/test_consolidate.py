@@ -11,7 +11,7 @@ from conftest import TARGET_PARAMS, make_gpt2, make_llama, make_opt, random_batc
 
 from mosaic_lightning import PruningConfig, compact_model, prune_model
 from mosaic_lightning.callbacks.lora_recovery import merge_keeping_sparsity
-from mosaic_lightning.consolidate import consolidated_copy
+from mosaic_lightning.core.consolidate import consolidated_copy
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

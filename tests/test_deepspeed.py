@@ -120,9 +120,9 @@ def test_deepspeed_zero3_msp_search(tmp_path):
     """MSP under ZeRO-3: the Fisher pass from activations (no rank holds a whole weight), the fitness with one
     module gathered at a time; the same sensitivities as one process on the union of the batches, the same search
     on both ranks, and the exact weighted mean."""
-    from mosaic_lightning.adapters import ModelAdapter
     from mosaic_lightning.allocation import AllocationContext
     from mosaic_lightning.allocation.msp import fisher_trace
+    from mosaic_lightning.core.adapters import ModelAdapter
 
     ranks = _run(tmp_path, 3, "wanda", "msp")
     _check_ranks_agree(ranks, 3)

@@ -62,9 +62,9 @@ def test_ddp_masks_identical_on_ranks_and_equal_to_one_process(tmp_path, method,
 
 
 def test_ddp_msp_fisher_sensitivities_equal_one_process_on_the_union_of_batches(tmp_path):
-    from mosaic_lightning.adapters import ModelAdapter
     from mosaic_lightning.allocation import AllocationContext
     from mosaic_lightning.allocation.msp import fisher_trace
+    from mosaic_lightning.core.adapters import ModelAdapter
 
     ranks = _run_two_ranks(tmp_path, "wanda", "msp")
     assert ranks[0]["allocation"]["fisher_trace"] == ranks[1]["allocation"]["fisher_trace"]

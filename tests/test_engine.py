@@ -20,9 +20,9 @@ from conftest import (
 
 from mosaic_lightning import PruningConfig, prune_model
 from mosaic_lightning.allocation import OWL, Mosaic
-from mosaic_lightning.calibration import capture_block_inputs
+from mosaic_lightning.calibration.capture import capture_block_inputs
+from mosaic_lightning.calibration.stats import NonFiniteActivationError
 from mosaic_lightning.methods import Magnitude
-from mosaic_lightning.stats import NonFiniteActivationError
 
 METHODS = ["magnitude", "wanda", "sparsegpt"]
 ALLOCATIONS = ["uniform", "owl", "mosaic"]

@@ -46,7 +46,7 @@ def _gemma2():
 def test_chunked_loss_equals_hf_loss_at_every_chunk_size(request, fixture, monkeypatch):
     """The loss is scored a few positions at a time (never the whole logits tensor): with chunks of 1, 5 and all
     positions it equals HF's own loss, including OPT's projection and Gemma 2's soft-capped logits."""
-    import mosaic_lightning.evaluation as evaluation
+    import mosaic_lightning.evaluation.perplexity as evaluation
 
     model = _gemma2() if fixture == "gemma2" else request.getfixturevalue(fixture)
     batches = random_batches(num=2, batch=2, seq_len=12, seed=3)

@@ -12,7 +12,7 @@ import transformers.modeling_utils
 from conftest import make_llama, random_batches
 
 from mosaic_lightning import PruningConfig, compact_model, load_pruned, prune_model, save_pruned
-from mosaic_lightning.report import PruningReport
+from mosaic_lightning.core.report import PruningReport
 
 
 @pytest.fixture

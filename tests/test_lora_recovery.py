@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from mosaic_lightning import CompactOnFitEnd, LoRARecovery, MosaicPruning
 from mosaic_lightning.callbacks.lora_recovery import merge_keeping_sparsity
-from mosaic_lightning.masks import canonical_name
+from mosaic_lightning.core.masks import canonical_name
 from mosaic_lightning.schedules import Gradual
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning")

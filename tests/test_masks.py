@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from mosaic_lightning.masks import MaskStore, pack_bits, unpack_bits
+from mosaic_lightning.core.masks import MaskStore, pack_bits, unpack_bits
 
 
 def _random_mask(shape, seed=0, p=0.5) -> torch.Tensor:

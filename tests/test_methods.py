@@ -7,9 +7,9 @@ import torch
 from conftest import LLAMA_PROJECTIONS, make_llama
 
 from mosaic_lightning import PruningConfig, prune_model
+from mosaic_lightning.calibration.stats import InputStatistics, NonFiniteActivationError
+from mosaic_lightning.core.patterns import NM, Unstructured
 from mosaic_lightning.methods import Magnitude, SparseGPT, Wanda, resolve_method
-from mosaic_lightning.patterns import NM, Unstructured
-from mosaic_lightning.stats import InputStatistics, NonFiniteActivationError
 
 
 def _correlated_inputs(tokens: int, width: int, seed: int = 0) -> torch.Tensor:

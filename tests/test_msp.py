@@ -8,9 +8,9 @@ import torch
 from conftest import make_gpt2, make_llama, random_batches
 
 from mosaic_lightning import PruningConfig, prune_model
-from mosaic_lightning.adapters import ModelAdapter
 from mosaic_lightning.allocation import MSP, AllocationContext
 from mosaic_lightning.allocation.msp import fisher_trace
+from mosaic_lightning.core.adapters import ModelAdapter
 
 LAYER_PARAMS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip

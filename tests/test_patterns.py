@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mosaic_lightning.patterns import NM, Unstructured, parse_pattern
+from mosaic_lightning.core.patterns import NM, Unstructured, parse_pattern
 
 
 def _scores(rows: int, cols: int, seed: int = 0) -> torch.Tensor:

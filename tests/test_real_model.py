@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from mosaic_lightning import PruningConfig, prune_model
-from mosaic_lightning.assets import BUNDLED_MODEL, load_causal_lm, load_tokenizer, wikipedia_split
+from mosaic_lightning.calibration.stats import InputStatistics
+from mosaic_lightning.core.assets import BUNDLED_MODEL, load_causal_lm, load_tokenizer, wikipedia_split
+from mosaic_lightning.core.patterns import Unstructured
 from mosaic_lightning.methods import SparseGPT, Wanda
-from mosaic_lightning.patterns import Unstructured
-from mosaic_lightning.stats import InputStatistics
 
 pytestmark = pytest.mark.real_model
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mosaic_lightning import CausalLM, MosaicPruning
-from mosaic_lightning.distillation import distillation_loss
+from mosaic_lightning.recovery.distillation import distillation_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mosaic_lightning.spill import SpilledTensors
+from mosaic_lightning.pruning.spill import SpilledTensors
 
 
 def test_round_trip_is_bitwise_and_on_the_cpu(tmp_path):

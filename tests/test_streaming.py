@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from mosaic_lightning import PruningConfig, perplexity, prune_model
 from mosaic_lightning.allocation import OWL
 from mosaic_lightning.methods import Wanda
-from mosaic_lightning.stream_job import partial_dir, prune_streamed
+from mosaic_lightning.streaming.job import partial_dir, prune_streamed
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
 _SIZES = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -328,8 +328,8 @@ def test_blocks_move_to_the_execution_device_and_back(monkeypatch):
     default's. (On this CPU-only machine the 'device' is the CPU, so the move is observed, not its speed.)"""
     from conftest import make_llama
 
-    from mosaic_lightning.adapters import ModelAdapter
-    from mosaic_lightning.residency import BlockResidency
+    from mosaic_lightning.core.adapters import ModelAdapter
+    from mosaic_lightning.core.residency import BlockResidency
 
     moves: list[tuple[int, str]] = []
     original = BlockResidency.load

@@ -19,9 +19,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mosaic_lightning import PruningConfig, compact_model, load_pruned, prune_model
 from mosaic_lightning.allocation import EnergySoftmax
+from mosaic_lightning.core.structure import HEADS, MLP, UnitGroup
 from mosaic_lightning.methods import StructPrune
 from mosaic_lightning.methods.structprune import project, refit
-from mosaic_lightning.structure import HEADS, MLP, UnitGroup
 
 ROOT = Path(__file__).resolve().parents[1]
 INPUT = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(7))

@@ -14,8 +14,8 @@ from conftest import BUILDERS, TARGET_PARAMS, random_batches
 from torch.utils.flop_counter import FlopCounterMode
 
 from mosaic_lightning import PruningConfig, prune_model
+from mosaic_lightning.core.patterns import parse_pattern
 from mosaic_lightning.methods.sparsegpt import sparsegpt_prune
-from mosaic_lightning.patterns import parse_pattern
 
 SPARSITY = 0.5
 

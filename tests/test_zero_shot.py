@@ -15,8 +15,8 @@ import torch
 from conftest import write_text_files
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mosaic_lightning.tasks.bigbench import BIGBENCH_ENV, load_bigbench, task_file
-from mosaic_lightning.zero_shot import check_task_options, task_manager, zero_shot_accuracy
+from mosaic_lightning.evaluation.tasks.bigbench import BIGBENCH_ENV, load_bigbench, task_file
+from mosaic_lightning.evaluation.zero_shot import check_task_options, task_manager, zero_shot_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ from .uniform import Uniform
 
 def resolve_allocation(value, field: str = "allocation") -> Allocation:
     """An allocation from a shorthand (``"owl"``), ``{"class_path", "init_args"}`` or an instance."""
-    from ..components import resolve
+    from ..core.components import resolve
 
     return resolve(value, Allocation, __name__, field)
 

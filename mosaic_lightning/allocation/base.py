@@ -18,11 +18,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters import ModelAdapter, Projection
-from ..block import BlockContext, InputStream
-from ..components import Component
+from ..calibration.block import BlockContext, InputStream
+from ..core.adapters import ModelAdapter, Projection
+from ..core.components import Component
+from ..core.residency import BlockResidency
 from ..methods.wanda import wanda_scores
-from ..residency import BlockResidency
 
 
 @dataclass

@@ -29,9 +29,9 @@ import math
 import torch
 import torch.distributed as dist
 
-from ..adapters import Projection
-from ..structure import HEADS, MLP, UnitGroup, unit_groups
-from ..validation import check_positive
+from ..core.adapters import Projection
+from ..core.structure import HEADS, MLP, UnitGroup, unit_groups
+from ..core.validation import check_positive
 from .base import Allocation, AllocationContext, Budget
 
 

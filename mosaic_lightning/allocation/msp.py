@@ -43,9 +43,9 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ..block import edited_weights
-from ..patterns import MixedNM
-from ..validation import check_int, check_open_unit
+from ..calibration.block import edited_weights
+from ..core.patterns import MixedNM
+from ..core.validation import check_int, check_open_unit
 from .base import Allocation, AllocationContext, Budget, count_quanta, exact_counts
 
 
@@ -300,7 +300,7 @@ class _Search:
             scores = config.method.scores(view, _ColumnNorms(self.norms[proj.key]))
             view.masked_fill_(~pattern.keep_mask(scores, counts[proj.key]), 0)
 
-        from ..evaluation import perplexity  # here: torchmetrics loads only when a search runs
+        from ..evaluation.perplexity import perplexity  # here: torchmetrics loads only when a search runs
 
         with edited_weights(projections, prune):
             value = perplexity(self.context.model, self.fitness_batches, progress=False)

@@ -7,12 +7,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from ..compact import compact_model
-from ..consolidate import consolidated_copy
-from ..export import check_export_dir, save_pruned
-from ..report import PruningReport
+from ..core.consolidate import consolidated_copy
+from ..core.report import PruningReport
+from ..core.zero import deepspeed_engine
+from ..export.compact import compact_model
+from ..export.save import check_export_dir, save_pruned
 from ..trainer_access import causal_lm, find_callback
-from ..zero import deepspeed_engine
 from .mosaic_pruning import MosaicPruning
 
 

@@ -20,14 +20,14 @@ Lifecycle (the same on one device, DDP and DeepSpeed ZeRO-2/3):
   reduction and DeepSpeed's partitions and fp32 masters cover the adapter. The base is frozen and LoRA goes on
   every projection ``MosaicPruning`` is configured to prune (its ``targets``/``exclude``). ``MosaicPruning`` then
   prunes at fit start through the wrapper: ``B = 0`` at init, so calibration sees exactly the base model, and
-  :func:`~mosaic_lightning.masks.canonical_name` maps the peft parameter names back to the HF ones. A module that
+  :func:`~mosaic_lightning.core.masks.canonical_name` maps the peft parameter names back to the HF ones. A module that
   loads its model in ``configure_model`` (as :class:`~mosaic_lightning.CausalLM` does) gets it called here, in the
   strategy's init contexts; Lightning requires that hook to be idempotent, so its own call later is a no-op.
 * detach: in ``on_train_end`` (``on_fit_end`` when the loop never ran, e.g. ``max_steps=0``): save the adapter
   (optional), then merge it keeping sparsity, one LoRA layer at a time (gathered under ZeRO-3). On one device
   and DDP the wrapper is unloaded, so ``on_fit_end`` callbacks and the CLI's export see the plain HF model. Under
   DeepSpeed the engine keeps the wrapper (its layers are merged and bypass the adapter); exports consolidate the
-  plain model from it (:func:`~mosaic_lightning.consolidate.consolidated_copy`).
+  plain model from it (:func:`~mosaic_lightning.core.consolidate.consolidated_copy`).
 * checkpoints: the adapter is part of the module while training, so its weights (and under DeepSpeed its
   partitions and optimizer state) travel in the module's checkpoint; a resumed run attaches the adapter in
   ``setup`` before Lightning restores the weights.
@@ -42,11 +42,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from ..adapters import CANONICAL_NAMES, ModelAdapter
-from ..export import atomic_directory, check_export_dir
-from ..masks import MaskStore, canonical_name
+from ..core.adapters import CANONICAL_NAMES, ModelAdapter
+from ..core.masks import MaskStore, canonical_name
+from ..core.zero import deepspeed_engine, full_shape, gathered_params
+from ..export.save import atomic_directory, check_export_dir
 from ..trainer_access import causal_lm, find_callback
-from ..zero import deepspeed_engine, full_shape, gathered_params
 from .mosaic_pruning import MosaicPruning, build_model_now
 
 _MODEL_ATTR = "model"  # where the LightningModule keeps the HF model; the checkpoint keys start with it

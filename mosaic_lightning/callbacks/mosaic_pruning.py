@@ -11,18 +11,18 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from ..adapters import ModelAdapter
 from ..allocation import Allocation
-from ..compact import check_uniform_structure
-from ..config import PruningConfig
-from ..engine import PruningOutcome, prune_model
-from ..masks import MaskStore
+from ..core.adapters import ModelAdapter
+from ..core.masks import MaskStore
+from ..core.report import ProjectionReport, PruningReport
+from ..core.residency import BlockResidency
+from ..core.zero import deepspeed_engine
+from ..export.compact import check_uniform_structure
 from ..methods import PruningMethod
-from ..report import ProjectionReport, PruningReport
-from ..residency import BlockResidency
+from ..pruning.config import PruningConfig
+from ..pruning.engine import PruningOutcome, prune_model
 from ..schedules import OneShot, Schedule
 from ..trainer_access import causal_lm
-from ..zero import deepspeed_engine
 
 
 class MosaicPruning(L.Callback):
@@ -58,7 +58,7 @@ class MosaicPruning(L.Callback):
             dense activations, one pass per block (faster).
         true_sequential: within each block too, each projection is calibrated with the ones before it pruned
             (SparseGPT's ``--true-sequential``), in about one pass per block instead of two; see
-            :mod:`mosaic_lightning.true_sequential`.
+            :mod:`mosaic_lightning.calibration.true_sequential`.
         schedule: when to prune: ``OneShot()`` at fit start (default), ``OneShot(at_step=N)``, ``Gradual(...)``
             (cubic ramp re-scored on recent training batches); see :mod:`mosaic_lightning.schedules`.
         num_calibration_samples: sequences to calibrate on (from the datamodule's ``calibration_batches`` or its

@@ -6,7 +6,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..assets import BUNDLED_MODEL, load_tokenizer, wikipedia_split
+from ..core.assets import BUNDLED_MODEL, load_tokenizer, wikipedia_split
 from .hf_text import documents, load_split, take_documents
 from .resumable import EpochShuffle, ResumableLoader
 

@@ -11,9 +11,9 @@ import lightning as L
 import torch
 from torchmetrics.text import Perplexity
 
-from ..assets import BUNDLED_MODEL, check_pretrained, ensure_bundled_fp32, load_causal_lm
-from ..distillation import distillation_loss
-from ..evaluation import update_perplexity
+from ..core.assets import BUNDLED_MODEL, check_pretrained, ensure_bundled_fp32, load_causal_lm
+from ..evaluation.perplexity import update_perplexity
+from ..recovery.distillation import distillation_loss
 
 
 @contextmanager
@@ -53,7 +53,8 @@ class CausalLM(L.LightningModule):
         learning_rate, weight_decay, betas: AdamW settings for training/recovery steps (Elsa: 2e-4, 0, (0.9, 0.95)).
         lr_schedule: ``constant``, or ``linear`` decay to 0 over the run's optimizer steps, no warmup (Elsa's).
         distill_weight: share of the loss that is distillation from the dense model, in [0, 1]: the loss is
-            ``(1 - w) LM + w T^2 KL(teacher || student)`` (:func:`~mosaic_lightning.distillation.distillation_loss`).
+            ``(1 - w) LM + w T^2 KL(teacher || student)``
+            (:func:`~mosaic_lightning.recovery.distillation.distillation_loss`).
             The teacher is a frozen copy of the model as loaded, i.e. before any pruning, held once in memory (not
             in the checkpoint: a resumed run rebuilds it from ``pretrained``); not under DeepSpeed ZeRO-3.
         distill_temperature: the distillation temperature ``T`` (> 0).

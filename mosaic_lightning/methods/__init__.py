@@ -14,7 +14,7 @@ from .wanda import Wanda
 
 def resolve_method(value, field: str = "method") -> PruningMethod:
     """A method from a shorthand (``"wanda"``), ``{"class_path", "init_args"}`` or an instance."""
-    from ..components import resolve
+    from ..core.components import resolve
 
     return resolve(value, PruningMethod, __name__, field)
 

@@ -11,7 +11,7 @@
   channels, heads) of a block go, before ``prune_block``. The default removes the lowest summed ``scores`` of
   their input columns in down/o; a method with its own structured criterion (StructPrune) overrides it.
 
-``stats`` is lazy (:class:`~mosaic_lightning.block.ProjectionStatistics`): ``stats.column_norms`` and
+``stats`` is lazy (:class:`~mosaic_lightning.calibration.block.ProjectionStatistics`): ``stats.column_norms`` and
 ``stats.hessian`` are computed the first time a method reads them, so a method pays for exactly what it uses.
 Options are the subclass's own typed ``__init__`` arguments, validated there.
 """
@@ -22,10 +22,10 @@ from abc import abstractmethod
 
 import torch
 
-from ..block import BlockContext, ProjectionStatistics, PruneResult
-from ..components import Component
-from ..patterns import Pattern
-from ..structure import UnitGroup, choose_removed
+from ..calibration.block import BlockContext, ProjectionStatistics, PruneResult
+from ..core.components import Component
+from ..core.patterns import Pattern
+from ..core.structure import UnitGroup, choose_removed
 
 __all__ = ["PruneResult", "PruningMethod"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..block import ProjectionStatistics
+from ..calibration.block import ProjectionStatistics
 from .base import PruningMethod
 
 

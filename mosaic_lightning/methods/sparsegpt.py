@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from ..block import ProjectionStatistics
-from ..patterns import NM, Pattern, Unstructured
+from ..calibration.block import ProjectionStatistics
+from ..core.patterns import NM, Pattern, Unstructured
 from .base import PruneResult, PruningMethod
 from .wanda import wanda_scores
 

@@ -50,10 +50,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..block import BlockContext, ProjectionStatistics
-from ..patterns import Pattern
-from ..stats import sum_over_ranks
-from ..validation import check_int, check_positive
+from ..calibration.block import BlockContext, ProjectionStatistics
+from ..calibration.stats import sum_over_ranks
+from ..core.patterns import Pattern
+from ..core.validation import check_int, check_positive
 from .base import PruneResult, PruningMethod
 from .sparsegpt import SparseGPT
 

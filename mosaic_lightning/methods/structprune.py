@@ -56,9 +56,9 @@ from __future__ import annotations
 
 import torch
 
-from ..block import BlockContext, ProjectionStatistics, PruneResult
-from ..structure import UnitGroup, choose_removed
-from ..validation import check_int, check_positive
+from ..calibration.block import BlockContext, ProjectionStatistics, PruneResult
+from ..core.structure import UnitGroup, choose_removed
+from ..core.validation import check_int, check_positive
 from .base import PruningMethod
 from .wanda import wanda_scores
 

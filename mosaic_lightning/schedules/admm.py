@@ -46,16 +46,16 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from ..adapters import ModelAdapter, Projection
 from ..allocation import Uniform
-from ..config import PruningConfig
-from ..engine import PruningOutcome, commit_masks, plan_pruning, projection_report
+from ..core.adapters import ModelAdapter, Projection
+from ..core.patterns import Pattern
+from ..core.report import PruningReport
+from ..core.validation import check_int, check_positive
+from ..core.zero import add_to_grad_, deepspeed_engine, full_fp32
 from ..methods import Magnitude
-from ..patterns import Pattern
-from ..report import PruningReport
+from ..pruning.config import PruningConfig
+from ..pruning.engine import PruningOutcome, commit_masks, plan_pruning, projection_report
 from ..trainer_access import causal_lm
-from ..validation import check_int, check_positive
-from ..zero import add_to_grad_, deepspeed_engine, full_fp32
 from .base import PruningHost, Schedule
 
 _UNSUPPORTED_STRATEGIES = (FSDPStrategy, ModelParallelStrategy)

@@ -13,9 +13,9 @@ import lightning as L
 import torch
 from torch import nn
 
-from ..config import PruningConfig
-from ..engine import PruningOutcome
-from ..masks import MaskStore
+from ..core.masks import MaskStore
+from ..pruning.config import PruningConfig
+from ..pruning.engine import PruningOutcome
 
 
 class PruningHost(Protocol):

@@ -28,10 +28,10 @@ from ddp_prune import calibration  # noqa: E402  (the same calibration data as t
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-import mosaic_lightning.masks as mosaic_masks  # noqa: E402
+import mosaic_lightning.core.masks as mosaic_masks  # noqa: E402
 from mosaic_lightning import MosaicPruning  # noqa: E402
-from mosaic_lightning.masks import named_parameters  # noqa: E402
-from mosaic_lightning.zero import gathered_params, is_partitioned, mask_partition_  # noqa: E402
+from mosaic_lightning.core.masks import named_parameters  # noqa: E402
+from mosaic_lightning.core.zero import gathered_params, is_partitioned, mask_partition_  # noqa: E402
 
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
 

@@ -30,9 +30,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from mosaic_lightning import CompactOnFitEnd, LoRARecovery, MosaicPruning  # noqa: E402
-from mosaic_lightning.masks import canonical_name  # noqa: E402
+from mosaic_lightning.core.masks import canonical_name  # noqa: E402
+from mosaic_lightning.core.zero import gathered_params, is_partitioned  # noqa: E402
 from mosaic_lightning.schedules import ADMM, Gradual  # noqa: E402
-from mosaic_lightning.zero import gathered_params, is_partitioned  # noqa: E402
 
 LORA_A = "model.layers.0.self_attn.q_proj.lora_A.default.weight"
 

@@ -22,15 +22,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .adapters import ModelAdapter, Projection
-from .calibration import BlockInputs, capture_block_inputs, collect_statistics, run_block, swapped_weights
-from .residency import BlockResidency
+from ..core.adapters import ModelAdapter, Projection
+from ..core.residency import BlockResidency
+from ..core.zero import gathered, is_partitioned
+from .capture import BlockInputs, capture_block_inputs, collect_statistics, run_block, swapped_weights
 from .stats import InputStatistics
 from .true_sequential import TrueSequentialRun
-from .zero import gathered, is_partitioned
 
 if TYPE_CHECKING:
-    from .patterns import Pattern
+    from ..core.patterns import Pattern
 
 
 @dataclass
@@ -139,7 +139,7 @@ class BlockContext:
         pattern: the sparsity pattern (None while profiling). num_prune: single weights to prune per projection
             key, after any whole units (structural) are removed.
         true_sequential: every projection's statistics come from its inputs with the projections before it
-            already pruned (:mod:`~mosaic_lightning.true_sequential`); the results of
+            already pruned (:mod:`~mosaic_lightning.calibration.true_sequential`); the results of
             :meth:`prune_projection` are run pruned from then on.
     """
 

@@ -14,8 +14,8 @@ from contextlib import contextmanager, suppress
 
 from torch import nn
 
+from ..core.report import PruningReport
 from .model_card import model_card
-from .report import PruningReport
 
 
 def check_export_dir(export_dir: str | os.PathLike, field: str = "export_dir") -> pathlib.Path:
@@ -50,7 +50,7 @@ def save_pruned(
 
     With ``compress``, Linear weights that are at least 25% zeros are stored in compressed-tensors' bitmask
     format (``sparse-24-bitmask`` when every one is 2:4, else ``sparse-bitmask``; the ``sparsity_config`` in
-    ``config.json``; see :mod:`mosaic_lightning.compressed`), so the file shrinks with the sparsity; such a
+    ``config.json``; see :mod:`mosaic_lightning.export.compressed`), so the file shrinks with the sparsity; such a
     directory loads with :func:`mosaic_lightning.load_pruned` (transformers 5 no longer decompresses sparsity
     formats). ``extra_files`` (name -> text) are written alongside, e.g. the resolved recipe.
     """

@@ -1,15 +1,16 @@
 """The pruning engine: allocate, plan, prune block by block, commit. Plain PyTorch; the callbacks are thin glue.
 
 Sequence (as Wanda/SparseGPT's sequential mode): block ``l`` is calibrated on the output of blocks ``< l``
-*as pruned*. Each block is handed to the method as a :class:`~mosaic_lightning.block.BlockContext` that computes
-calibration data only when the method reads it. Nothing is written into the model until every block has been
-processed: each block's result is held as pending masks (and, for reconstructing methods, the new values of the
-kept weights), in files in a temporary folder (:mod:`~mosaic_lightning.spill`), the block runs with them swapped in
-to feed the next block, and only then are all results committed. So a bad input found at block 20 (NaN
-activations, say) raises with the model exactly as it was, at no memory cost until the commit.
+*as pruned*. Each block is handed to the method as a
+:class:`~mosaic_lightning.calibration.block.BlockContext` that computes calibration data only when the method reads it.
+Nothing is written into the model until every block has been processed: each block's result is held as pending masks
+(and, for reconstructing methods, the new values of the kept weights), in files in a temporary folder
+(:mod:`~mosaic_lightning.pruning.spill`), the block runs with them swapped in to feed the next block, and only then are
+all results committed. So a bad input found at block 20 (NaN activations, say) raises with the model exactly as it was,
+at no memory cost until the commit.
 
-Where a block is worked on is a :class:`~mosaic_lightning.residency.BlockResidency`: in place, on an execution
-device, or streamed from the source shards (:mod:`mosaic_lightning.shards`). A streamed block is committed and
+Where a block is worked on is a :class:`~mosaic_lightning.core.residency.BlockResidency`: in place, on an execution
+device, or streamed from the source shards (:mod:`mosaic_lightning.streaming.shards`). A streamed block is committed and
 written out as soon as the next block's inputs are computed from it (the source files are never changed).
 """
 
@@ -26,16 +27,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import ModelAdapter, Projection
-from .allocation import AllocationContext, count_quanta, exact_counts
-from .block import BlockContext, InputStream, PruneResult, parameter_values
-from .config import PruningConfig
-from .masks import MaskStore
-from .report import ProjectionReport, PruningReport
-from .residency import BlockResidency
-from .spill import SpilledTensors
-from .stats import sum_over_ranks
-from .structure import (
+from ..allocation import AllocationContext, count_quanta, exact_counts
+from ..calibration.block import BlockContext, InputStream, PruneResult, parameter_values
+from ..calibration.stats import sum_over_ranks
+from ..core.adapters import ModelAdapter, Projection
+from ..core.masks import MaskStore
+from ..core.report import ProjectionReport, PruningReport
+from ..core.residency import BlockResidency
+from ..core.structure import (
     UnitGroup,
     check_removals,
     plan_removals,
@@ -43,7 +42,9 @@ from .structure import (
     structural_keep,
     unit_groups,
 )
-from .zero import full_shape, gathered
+from ..core.zero import full_shape, gathered
+from .config import PruningConfig
+from .spill import SpilledTensors
 
 # DeepSpeed ZeRO-3 hook points: weights are read and written one module at a time inside ``gathered(module)``
 # (a no-op without ZeRO-3); every rank computes the same result from all-reduced statistics.
@@ -96,7 +97,7 @@ def prune_model(
 ) -> PruningOutcome:
     """Prune ``model`` in place from ``calibration_batches`` (tensors of ``input_ids``).
 
-    ``residency``: where each block is worked on (:class:`~mosaic_lightning.residency.BlockResidency`; e.g. on a
+    ``residency``: where each block is worked on (:class:`~mosaic_lightning.core.residency.BlockResidency`; e.g. on a
     GPU while the model stays in CPU memory, or streamed from and to disk). ``start``: continue a streamed run
     from the block it had reached (its earlier blocks already written out).
     """
@@ -225,7 +226,7 @@ def plan_pruning(
 def _pending_store(residency: BlockResidency, start: StartPoint) -> Iterator[_Pending]:
     """Where pending results (keep masks, new weights) wait: in memory where each block is committed as soon as
     it is done (a block's worth), else in files in a temporary folder until the commit
-    (:mod:`~mosaic_lightning.spill`), removed after."""
+    (:mod:`~mosaic_lightning.pruning.spill`), removed after."""
     if residency.commits_each_block:
         yield _Pending(removed=dict(start.structure))
         return
@@ -251,9 +252,9 @@ def _sequential_prune(
     model, adapter, batches, config: PruningConfig, plan: Plan, progress: bool, residency: BlockResidency,
     start: StartPoint, pending: _Pending,
 ) -> _Pruned:  # fmt: skip
-    """Block by block; see :class:`~mosaic_lightning.block.InputStream` for what ``sequential`` changes. With a
-    residency that commits each block, a block's result is written into it (and reported) once the next block's
-    inputs are computed from it, and then the residency lets it go. ``pending``: where the results wait."""
+    """Block by block; see :class:`~mosaic_lightning.calibration.block.InputStream` for what ``sequential``
+    changes. With a residency that commits each block, a block's result is written into it (and reported) once the next
+    block's inputs are computed from it, and then the residency lets it go. ``pending``: where the results wait."""
     pruned = _Pruned(pending, {}, 0, list(start.rows))
     stream = InputStream(
         model, adapter, batches, config.sequential, lambda layer: _pending_values(adapter, layer, pruned.pending),

@@ -19,9 +19,9 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from .adapters import ModelAdapter
-from .compact import remove_units
-from .residency import BlockResidency
+from ..core.adapters import ModelAdapter
+from ..core.residency import BlockResidency
+from ..export.compact import remove_units
 
 INDEX_NAME = "model.safetensors.index.json"
 

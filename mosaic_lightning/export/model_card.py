@@ -9,9 +9,9 @@ from pathlib import Path
 
 import yaml
 
-from .assets import BUNDLED_MODEL
-from .report import PruningReport
-from .zero_shot import evaluation_rows
+from ..core.assets import BUNDLED_MODEL
+from ..core.report import PruningReport
+from ..evaluation.zero_shot import evaluation_rows
 
 BUNDLED_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the bundled GGUF was quantized from
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -11,7 +11,7 @@ afterwards, so zeroing the visible weights alone is undone by the next step. :fu
 pruned parameter into its master once, and :func:`mask_parameter_` zeroes pruned entries in the visible weight,
 the master and the Adam moments after every step. Both touch only this rank's own partitions (no collectives),
 so they run on every rank, and both are no-ops beyond the visible weight for parameters DeepSpeed does not
-manage: :meth:`~mosaic_lightning.masks.MaskStore.enforce_` is the one mask path for every strategy.
+manage: :meth:`~mosaic_lightning.core.masks.MaskStore.enforce_` is the one mask path for every strategy.
 
 Nothing here imports DeepSpeed unless it is already loaded: plain and DDP runs never pay for it.
 """

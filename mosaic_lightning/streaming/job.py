@@ -3,8 +3,9 @@
 :func:`prune_streamed` is what ``python train.py fit ... --stream true`` runs. Host memory holds the embeddings,
 final norm and output embedding, one block, and one block's calibration activations (plus the evaluation
 windows' hidden states, when evaluating), whatever the depth. The engine is the in-memory one
-(:func:`~mosaic_lightning.engine.prune_model`) with a :class:`~mosaic_lightning.shards.StreamedBlocks` residency,
-so masks and weights are bit-identical to an in-memory run with the same settings.
+(:func:`~mosaic_lightning.pruning.engine.prune_model`) with a
+:class:`~mosaic_lightning.streaming.shards.StreamedBlocks` residency, so masks and weights are bit-identical to an
+in-memory run with the same settings.
 
 Resumable: the export is written into ``.<export_dir name>.partial`` beside ``export_dir``; after every block
 its shard, the next block's calibration inputs and the report rows so far are saved there (``progress.json``
@@ -15,7 +16,7 @@ with the first block, so a resumed run does not repeat the profile pass. When ev
 config, tokenizer and report are added and the folder is renamed to ``export_dir``.
 
 Composite and structured pruning (``structured_fraction > 0``, StructPrune) are compacted block by block: a block
-that lost whole MLP channels or heads is written physically smaller (:class:`~mosaic_lightning.shards.
+that lost whole MLP channels or heads is written physically smaller (:class:`~mosaic_lightning.streaming.shards.
 StreamedBlocks`), and at the end the config records every layer's sizes as :func:`~mosaic_lightning.compact_model`
 does, so the export is the one the in-memory path writes (plain ``from_pretrained`` where one size fits all
 layers, else :func:`~mosaic_lightning.load_pruned`). The removed units are saved with each block; a resumed run
@@ -40,18 +41,18 @@ from torch import nn
 from torchmetrics.text import Perplexity
 from tqdm.auto import tqdm
 
-from .adapters import ModelAdapter
-from .calibration import blocks_replaced, capture_block_inputs, run_block
-from .compact import check_uniform_structure, layer_shapes, record_layer_shapes, remove_units, shapes_after
-from .config import PruningConfig
-from .engine import Plan, StartPoint, prune_model
-from .evaluation import score_hidden
-from .export import check_export_dir
-from .model_card import model_card
-from .report import ProjectionReport, PruningReport, peak_memory, reset_peak_memory
-from .residency import move_tensors
+from ..calibration.capture import blocks_replaced, capture_block_inputs, run_block
+from ..core.adapters import ModelAdapter
+from ..core.report import ProjectionReport, PruningReport, peak_memory, reset_peak_memory
+from ..core.residency import move_tensors
+from ..core.structure import UnitGroup, unit_groups
+from ..evaluation.perplexity import score_hidden
+from ..export.compact import check_uniform_structure, layer_shapes, record_layer_shapes, remove_units, shapes_after
+from ..export.model_card import model_card
+from ..export.save import check_export_dir
+from ..pruning.config import PruningConfig
+from ..pruning.engine import Plan, StartPoint, prune_model
 from .shards import SafetensorsSource, ShardWriter, StreamedBlocks, StreamedModel, meta_skeleton
-from .structure import UnitGroup, unit_groups
 
 PROGRESS_NAME = "progress.json"
 
@@ -249,7 +250,7 @@ def streamed_perplexity(
 ) -> float:
     """Perplexity with one block in memory at a time: every window's hidden states go through block 0, then
     block 1, ...; the model's own tail (final norm) runs on them with the blocks stood in for, and the loss is
-    scored a chunk of positions at a time (:func:`~mosaic_lightning.evaluation.score_hidden`)."""
+    scored a chunk of positions at a time (:func:`~mosaic_lightning.evaluation.perplexity.score_hidden`)."""
     model, adapter = streamed.model, streamed.adapter
     ids = [b["input_ids"] if isinstance(b, dict) else b for b in batches]
     target = torch.device(device or "cpu")

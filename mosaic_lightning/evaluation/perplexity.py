@@ -18,8 +18,8 @@ from torch import nn
 from torchmetrics.text import Perplexity
 from tqdm.auto import tqdm
 
-from .adapters import unwrap_peft
-from .zero import is_partitioned
+from ..core.adapters import unwrap_peft
+from ..core.zero import is_partitioned
 
 LOGIT_CHUNK_VALUES = 1 << 24  # logits held at once while scoring (64 MB in float32)
 

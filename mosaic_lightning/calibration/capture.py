@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..core.zero import full_shape, gathered_params, is_partitioned
 from .stats import InputStatistics, NonFiniteActivationError
-from .zero import full_shape, gathered_params, is_partitioned
 
 
 class StopForward(Exception):

@@ -3,8 +3,8 @@
 The engine (and an allocation's profile pass) brackets its work on block ``l`` with ``load(l)`` and ``unload(l)``.
 :class:`BlockResidency` moves the block to the execution device for the duration (and back), so a model held in
 CPU memory is calibrated and pruned one block at a time on a GPU; the calibration activations live on that
-device too (:meth:`inputs_to_device`). :class:`~mosaic_lightning.shards.StreamedBlocks` goes further: blocks are
-read from safetensors shards on ``load`` and written out and freed on ``unload``.
+device too (:meth:`inputs_to_device`). :class:`~mosaic_lightning.streaming.shards.StreamedBlocks` goes further:
+blocks are read from safetensors shards on ``load`` and written out and freed on ``unload``.
 """
 
 from __future__ import annotations

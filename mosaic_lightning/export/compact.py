@@ -19,8 +19,8 @@ from huggingface_hub.errors import StrictDataclassError
 from safetensors.torch import load_file
 from torch import nn
 
-from .adapters import ModelAdapter, Projection
-from .structure import HEADS, MLP, UnitGroup, attention_shape, unit_groups
+from ..core.adapters import ModelAdapter, Projection
+from ..core.structure import HEADS, MLP, UnitGroup, attention_shape, unit_groups
 
 SHAPES_KEY = "mosaic_layer_shapes"
 _OLD_COMPRESSED_FILE = "model.mosaic.safetensors"

@@ -44,9 +44,9 @@ from contextlib import ExitStack, contextmanager, suppress
 import torch
 from torch import nn
 
-from .calibration import BlockInputs, StopForward, first_output, in_features, out_features, swapped_weights
+from ..core.zero import is_partitioned
+from .capture import BlockInputs, StopForward, first_output, in_features, out_features, swapped_weights
 from .stats import InputStatistics
-from .zero import is_partitioned
 
 
 class TrueSequentialRun:

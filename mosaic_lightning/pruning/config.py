@@ -6,12 +6,12 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .adapters import check_pattern
-from .allocation import Allocation, Uniform, resolve_allocation
-from .components import Component
-from .methods import PruningMethod, resolve_method
-from .patterns import NM, MixedNM, Pattern, parse_pattern
-from .structure import UNIT_KINDS
+from ..allocation import Allocation, Uniform, resolve_allocation
+from ..core.adapters import check_pattern
+from ..core.components import Component
+from ..core.patterns import NM, MixedNM, Pattern, parse_pattern
+from ..core.structure import UNIT_KINDS
+from ..methods import PruningMethod, resolve_method
 
 
 @dataclass
@@ -48,7 +48,7 @@ class PruningConfig:
             (one pass per block, faster, usually slightly worse).
         true_sequential: within each block too, calibrate each projection on its inputs with the projections
             before it already pruned (SparseGPT's ``--true-sequential``: q/k/v, then o, then gate/up, then
-            down), in about one pass per block instead of two (:mod:`~mosaic_lightning.true_sequential`; it
+            down), in about one pass per block instead of two (:mod:`~mosaic_lightning.calibration.true_sequential`; it
             caches submodule outputs, about ``(d + 2 d_ff) x tokens`` values). Needs ``sequential`` and a method
             that prunes one projection at a time (not SparseLLM/StructPrune), without whole units.
     """

@@ -4,6 +4,13 @@
 
 Each row prunes a fresh copy of the bundled SmolLM2-135M with calibration windows from the first 80 Wikipedia
 articles and evaluates perplexity on 512-token windows of the last 20 (never calibrated on).
+
+Spread over calibration draws: ``--draws N`` runs every row on N calibration draws (seeds 0..N-1 of the window
+draw; seed 0 is the draw every single-draw table used), with the held-out windows fixed; each cell is then
+reported as the mean, min and max over the draws, with each draw's wall time, and the campaign's CPU time:
+
+    python bench/quality.py --suite mosaic-variants --methods sparsegpt --sparsities 0.7 --draws 3 \
+        --out bench/out/mosaic-variants-sparsegpt-70.json
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import time
 import torch
 
 from mosaic_lightning import PruningConfig, compact_model, perplexity, prune_model
-from mosaic_lightning.allocation import MSP
+from mosaic_lightning.allocation import MSP, Mosaic
 from mosaic_lightning.core.assets import BUNDLED_MODEL, load_causal_lm, load_tokenizer, wikipedia_split
 from mosaic_lightning.evaluation.zero_shot import metric_cell, task_manager, zero_shot_accuracy
 from mosaic_lightning.lit.data import TokenWindows
@@ -44,6 +51,9 @@ ALLOCATION = [
     (s, a, m) for s in (0.5, 0.6, 0.7, 0.8) for a in ("uniform", "owl", "mosaic") for m in ("wanda", "sparsegpt")
 ]
 TYPES = ("q", "k", "v", "o", "gate", "up", "down")
+# Mosaic variants suite: the allocation's open questions (threshold M, how the per-type term enters), against uniform
+# and OWL; every Mosaic variant is labelled mosaic-M<threshold>-<offset> (--allocations accepts these labels).
+MOSAIC_VARIANTS = [(m, o) for m in (5.0, 3.0) for o in ("published", "off", "flipped", "centred")]
 # SparseLLM suite: the joint MLP solve vs SparseGPT and Wanda at high sparsity (uniform, as the reference).
 SPARSELLM = [(s, m) for s in (0.7, 0.8, 0.9) for m in ("wanda", "sparsegpt", "sparsellm")]
 # MSP suite: the Fisher + evolutionary allocation vs uniform and OWL at 75% (and 70%, 80%; recipe msp-75's search).
@@ -57,6 +67,13 @@ ACCURACY = [(0.5, m, a, 0.0) for m, a in (("wanda", "uniform"), ("sparsegpt", "u
 ACCURACY += [(s, "wanda", "mosaic", f) for s in (0.3, 0.5) for f in (0.62, 1.0)]
 
 
+def variant(allocation) -> str:
+    """The allocation's label, with a Mosaic allocation's threshold and offset mode (``mosaic-M5-published``)."""
+    if isinstance(allocation, Mosaic):
+        return f"mosaic-M{allocation.threshold:g}-{allocation.offset}"
+    return allocation.label
+
+
 def configs(args) -> list[PruningConfig]:
     """The suite's rows, narrowed by --allocations / --methods / --sparsities where given; --msp-args replaces
     the MSP allocation's arguments (JSON)."""
@@ -66,7 +83,8 @@ def configs(args) -> list[PruningConfig]:
                 else c for c in rows]  # fmt: skip
     return [
         c for c in rows
-        if (args.allocations is None or c.allocation.label in args.allocations)
+        if (args.allocations is None or c.allocation.label in args.allocations or variant(c.allocation)
+            in args.allocations)
         and (args.methods is None or c.method.label in args.methods)
         and (args.sparsities is None or c.sparsity in args.sparsities)
     ]  # fmt: skip
@@ -75,6 +93,12 @@ def configs(args) -> list[PruningConfig]:
 def _suite(suite: str) -> list[PruningConfig]:
     if suite == "allocation":
         return [PruningConfig(s, m, a) for s, a, m in ALLOCATION]
+    if suite == "mosaic-variants":
+        sparsities, methods = (0.6, 0.7, 0.8), ("wanda", "sparsegpt")
+        return [PruningConfig(s, m, a) for s in sparsities for m in methods for a in ("uniform", "owl")] + [
+            PruningConfig(s, m, Mosaic(threshold=t, offset=o)) for s in sparsities for m in methods
+            for t, o in MOSAIC_VARIANTS
+        ]  # fmt: skip
     if suite == "sparsellm":
         return [PruningConfig(s, m, "uniform") for s, m in SPARSELLM]
     if suite == "msp":
@@ -125,14 +149,38 @@ def windows(texts: list[str], tokenizer, seq_len: int) -> TokenWindows:
     return TokenWindows(torch.tensor(ids), seq_len)
 
 
-def calibration_and_heldout(tokenizer, samples: int, heldout: int, seq_len: int):
-    """(calibration batches: ``samples`` random windows of the first 80 articles, seed 0; held-out batches: the
-    first ``heldout`` windows of the last 20), 4 sequences a batch."""
+def calibration_and_heldout(tokenizer, samples: int, heldout: int, seq_len: int, seed: int = 0):
+    """(calibration batches: ``samples`` random windows of the first 80 articles, drawn with ``seed``; held-out
+    batches: the first ``heldout`` windows of the last 20, the same for every seed), 4 sequences a batch."""
     train, test = wikipedia_split()
     train_windows = windows(train, tokenizer, seq_len).windows
-    order = torch.randperm(len(train_windows), generator=torch.Generator().manual_seed(0))
+    order = torch.randperm(len(train_windows), generator=torch.Generator().manual_seed(seed))
     calibration = list(train_windows[order[:samples]].split(4))
     return calibration, list(windows(test, tokenizer, seq_len).windows[:heldout].split(4))
+
+
+def cell_key(row: dict) -> tuple:
+    """What makes two rows the same cell (everything but the calibration draw)."""
+    return (row["method"], row["variant"], row["sparsity"], row["pattern"], row.get("structured_fraction"),
+            row.get("sequential"), row.get("true_sequential"))  # fmt: skip
+
+
+def spread(results: list[dict]) -> list[dict]:
+    """One entry per cell: perplexity mean / min / max over its draws, each draw's seed, perplexity and wall time."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in results:
+        if r["method"] != "dense":
+            cells.setdefault(cell_key(r), []).append(r)
+    out = []
+    for rows in cells.values():
+        ppl = [r["ppl"] for r in rows]
+        out.append({
+            "method": rows[0]["method"], "allocation": rows[0]["variant"], "sparsity": rows[0]["sparsity"],
+            "pattern": rows[0]["pattern"], "draws": len(rows), "seeds": [r["seed"] for r in rows],
+            "ppl": ppl, "ppl_mean": sum(ppl) / len(ppl), "ppl_min": min(ppl), "ppl_max": max(ppl),
+            "prune_s": [r["prune_s"] for r in rows], "wall_s": [r["wall_s"] for r in rows],
+        })  # fmt: skip
+    return out
 
 
 def main() -> None:
@@ -141,7 +189,11 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--suite", choices=["core", "composite", "sequential", "order", "allocation", "sparsellm",
-                                            "msp", "msp-nm", "structprune", "accuracy"], default="core")  # fmt: skip
+                                            "msp", "msp-nm", "structprune", "accuracy", "mosaic-variants"],
+                        default="core")  # fmt: skip
+    parser.add_argument("--draws", type=int, default=1,
+                        help="calibration draws per row (seeds 0..N-1; held-out windows fixed): cells report the "
+                             "mean, min and max")  # fmt: skip
     parser.add_argument("--allocations", nargs="*", default=None, help="only rows with these allocations")
     parser.add_argument("--methods", nargs="*", default=None, help="only rows with these methods")
     parser.add_argument("--sparsities", nargs="*", type=float, default=None, help="only rows at these sparsities")
@@ -152,10 +204,22 @@ def main() -> None:
     parser.add_argument("--out", default="bench/out/quality.json")
     args = parser.parse_args()
 
+    if args.draws < 1:
+        parser.error(f"--draws={args.draws}; must be >= 1")
+    cpu_start, wall_start = time.process_time(), time.perf_counter()
     torch.manual_seed(0)
     tokenizer = load_tokenizer(BUNDLED_MODEL)
-    calibration, evaluation = calibration_and_heldout(tokenizer, args.calibration_samples, args.eval_windows,
-                                                      args.seq_len)  # fmt: skip
+    draws = [calibration_and_heldout(tokenizer, args.calibration_samples, args.eval_windows, args.seq_len, seed)
+             for seed in range(args.draws)]  # fmt: skip
+    evaluation = draws[0][1]
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(results: list[dict]) -> None:  # after every row, so a cut-short campaign keeps what it measured
+        out.write_text(json.dumps({
+            "args": vars(args), "cpu_s": time.process_time() - cpu_start, "wall_s": time.perf_counter() - wall_start,
+            "cells": spread(results), "results": results,
+        }, indent=2))  # fmt: skip
 
     accuracy = _accuracy_scorer(args.tasks, args.task_limit, tokenizer)
     dense = load_causal_lm(BUNDLED_MODEL)
@@ -163,7 +227,8 @@ def main() -> None:
                 "ppl": perplexity(dense, evaluation, progress=False), **accuracy(dense)}]  # fmt: skip
     del dense
     print(json.dumps(results[0]), flush=True)
-    for config in configs(args):
+    runs = [(seed, calibration, config) for seed, (calibration, _) in enumerate(draws) for config in configs(args)]
+    for seed, calibration, config in runs:
         model = load_causal_lm(BUNDLED_MODEL)
         clock = time.perf_counter()
         outcome = prune_model(model, calibration, config, progress=False)
@@ -171,6 +236,9 @@ def main() -> None:
         row = {
             "method": config.method.label,
             "allocation": config.allocation.label,
+            "variant": variant(config.allocation),
+            "allocation_args": config.allocation.to_config()["init_args"],
+            "seed": seed,
             "sparsity": config.sparsity,
             "pattern": config.pattern,
             "structured_fraction": config.structured_fraction,
@@ -180,6 +248,7 @@ def main() -> None:
             "structured_share": outcome.report.structured_params_removed / outcome.report.params_targeted,
             "prune_s": time.perf_counter() - clock,
             "ppl": perplexity(model, evaluation, progress=False),
+            "wall_s": time.perf_counter() - clock,  # prune + held-out perplexity
             # Mean requested sparsity per projection type (and per layer below): where the allocation moved budget.
             "type_sparsity": {t: sum(v) / len(v) for t, v in requested.items() if v},
             "layer_sparsity": _layer_means(outcome.report),
@@ -193,6 +262,7 @@ def main() -> None:
             row["search_png"] = str(pathlib.Path(args.out).with_suffix(f".{row['method']}-search.png"))
         results.append(row)
         print(json.dumps(row), flush=True)
+        write(results)
 
     print(f"\ncalibration {args.calibration_samples} x {args.seq_len} tokens, eval {args.eval_windows} x "
           f"{args.seq_len} tokens (held-out articles)")  # fmt: skip
@@ -206,8 +276,16 @@ def main() -> None:
         achieved = f"{r.get('achieved_sparsity', 0):.4f}"
         structural = f"{r.get('structured_share', 0):.4f}"
         sequential = "true" if r.get("true_sequential") else str(r.get("sequential", "-"))
-        print(f"{r['method']:<10} {r['allocation']:<9} {setting:<8} {sequential:>10} {achieved:>9} {structural:>10} "
+        label = r.get("variant", r["allocation"])
+        print(f"{r['method']:<10} {label:<9} {setting:<8} {sequential:>10} {achieved:>9} {structural:>10} "
               f"{r['ppl']:>10.3f} {r.get('prune_s', 0):>8.1f}")  # fmt: skip
+    if args.draws > 1 or args.suite == "mosaic-variants":
+        print(f"\nperplexity over {args.draws} calibration draw(s) (seeds 0..{args.draws - 1}), held-out windows fixed")
+        print(f"{'method':<10} {'allocation':<24} {'setting':<8} {'mean':>10} {'min':>10} {'max':>10} {'wall s':>16}")
+        for c in spread(results):
+            walls = "/".join(f"{w:.0f}" for w in c["wall_s"])
+            print(f"{c['method']:<10} {c['allocation']:<24} {c['sparsity']:<8.0%} {c['ppl_mean']:>10.3f} "
+                  f"{c['ppl_min']:>10.3f} {c['ppl_max']:>10.3f} {walls:>16}")  # fmt: skip
     if args.tasks:
         print(f"\nlm-eval, {args.task_limit} items per task (acc / acc_norm, ± standard error)")
         for r in results:
@@ -215,9 +293,9 @@ def main() -> None:
                      for task, v in r["tasks"].items() for m in ("acc", "acc_norm")]  # fmt: skip
             print(f"{r['method']:<10} {r['allocation']:<9} {r['sparsity']:.0%} f={r.get('structured_fraction', 0)}  "
                   + "  ".join(cells))
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    write(results)
+    print(f"\ncampaign: {time.process_time() - cpu_start:.0f} s CPU (this process, all threads), "
+          f"{time.perf_counter() - wall_start:.0f} s wall")  # fmt: skip
 
 
 if __name__ == "__main__":

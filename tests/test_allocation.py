@@ -219,6 +219,90 @@ def test_mosaic_through_prune_model_is_the_formula_renormalised_exactly():
     assert all(p.achieved_sparsity == p.requested_sparsity for p in report.projections)
 
 
+def _mosaic_variant_by_hand(model, s: float, offset: str, m: float = 5.0, lam: float = 0.08) -> dict[str, float]:
+    """Each offset mode's formula, written out: A_l (layer), B_{t,l} (per type, min-max over layers)."""
+    scores = _wanda_scores_by_hand(model)
+    d_layer = [_ratio(torch.cat([scores[(i, t)].flatten() for t in TYPES]), m) for i in range(LAYERS)]
+    a = _minmax(d_layer, lam)
+    b = {t: _minmax([_ratio(scores[(i, t)], m) for i in range(LAYERS)], lam) for t in TYPES}
+    mean_a = sum(a) / LAYERS
+    mean_b = {t: sum(b[t]) / LAYERS for t in TYPES}
+    formula = {
+        "published": lambda i, t: s - a[i] + mean_b[t],
+        "off": lambda i, t: s - (a[i] - mean_a),
+        "flipped": lambda i, t: s - a[i] - mean_b[t],
+        "centred": lambda i, t: s - (b[t][i] - mean_b[t]),
+    }[offset]
+    return {f"{i}.{t}": formula(i, t) if formula(i, t) > 0 else 0.01 for i in range(LAYERS) for t in TYPES}
+
+
+@pytest.mark.parametrize("threshold", [5.0, 3.0])
+@pytest.mark.parametrize("offset", ["published", "off", "flipped", "centred"])
+def test_mosaic_offset_modes_are_their_formulas(offset, threshold):
+    model = _deep_llama()
+    budget = _allocate(Mosaic(threshold=threshold, offset=offset), model, 0.6)
+    expected = _mosaic_variant_by_hand(model, 0.6, offset, m=threshold)
+    assert budget.sparsity.keys() == expected.keys()
+    for key, value in expected.items():
+        assert budget.sparsity[key] == pytest.approx(value, abs=1e-9), key
+    assert 0.01 not in expected.values()  # the formula itself, not the floor, is what is compared here
+    if offset == "published":  # the default is the published formula, and the older hand computation agrees
+        assert expected == pytest.approx(_mosaic_by_hand(model, 0.6, m=threshold), abs=1e-12)
+        assert Mosaic(threshold=threshold).allocate(
+            AllocationContext(model, ModelAdapter(model), _batches(), progress=False), 0.6
+        ).sparsity == budget.sparsity
+
+
+def test_mosaic_offset_modes_differ_and_off_is_owl():
+    model = _deep_llama()
+    by_mode = {o: _allocate(Mosaic(offset=o), model, 0.7).sparsity for o in ("published", "off", "flipped", "centred")}
+    owl = _allocate(OWL(), model, 0.7).sparsity
+    assert by_mode["off"] == pytest.approx(owl, abs=1e-12)
+    modes = list(by_mode)
+    for i, x in enumerate(modes):  # four different allocations, not one under four names
+        for y in modes[i + 1 :]:
+            assert max(abs(by_mode[x][k] - by_mode[y][k]) for k in owl) > 1e-3, (x, y)
+    # Published and flipped differ by twice the per-type offset, the same for every layer of a type.
+    for t in TYPES:
+        gaps = {round(by_mode["published"][f"{i}.{t}"] - by_mode["flipped"][f"{i}.{t}"], 12) for i in range(LAYERS)}
+        assert len(gaps) == 1, t
+    # Centred: every type averages the target over the layers (each type has one size per layer).
+    for t in TYPES:
+        assert sum(by_mode["centred"][f"{i}.{t}"] for i in range(LAYERS)) / LAYERS == pytest.approx(0.7, abs=1e-12)
+
+
+@pytest.mark.parametrize("offset", ["published", "off", "flipped", "centred"])
+def test_mosaic_offset_modes_through_prune_model_are_exact(offset):
+    """Every mode: the formula plus one shift, and the parameter-weighted total exactly on target."""
+    model = _deep_llama()
+    expected = _mosaic_variant_by_hand(model, 0.6, offset)
+    config = PruningConfig(0.6, "magnitude", Mosaic(offset=offset))
+    report = prune_model(model, _batches(), config, progress=False).report
+    sizes = {p.key: p.numel for p in report.projections}
+    assert sum(round(p.requested_sparsity * p.numel) for p in report.projections) == round(0.6 * sum(sizes.values()))
+    assert report.achieved_sparsity == pytest.approx(round(0.6 * sum(sizes.values())) / sum(sizes.values()), abs=1e-12)
+    shifts = [p.requested_sparsity - expected[p.key] for p in report.projections]
+    assert max(shifts) - min(shifts) <= 2 / min(sizes.values())
+    assert all(p.achieved_sparsity == p.requested_sparsity for p in report.projections)
+
+
+@pytest.mark.parametrize("offset", ["published", "off", "flipped", "centred"])
+def test_mosaic_offset_modes_floor_at_the_reference_value(offset):
+    model = _deep_llama()
+    budget = _allocate(Mosaic(lam=0.45, offset=offset), model, 0.05)
+    expected = _mosaic_variant_by_hand(model, 0.05, offset, lam=0.45)
+    assert 0.01 in expected.values()
+    assert budget.sparsity == pytest.approx(expected, abs=1e-9)
+
+
+def test_mosaic_offset_is_recorded_for_recipes():
+    config = Mosaic(threshold=3, offset="centred").to_config()
+    assert config == {"class_path": "mosaic_lightning.allocation.mosaic.Mosaic",
+                      "init_args": {"threshold": 3, "lam": 0.08, "offset": "centred"}}  # fmt: skip
+    assert resolve_allocation(config).offset == "centred"
+    assert Mosaic().offset == "published"
+
+
 def test_owl_allocation_is_the_layerwise_formula():
     model = _deep_llama()
     budget = _allocate(OWL(), model, 0.7)
@@ -244,6 +328,9 @@ def test_uniform_allocation_reads_no_calibration_data():
         ({"class_path": "owl", "init_args": {"threshold": 0.0}}, "threshold=0.0"),
         ({"class_path": "owl", "init_args": {"threshold": float("nan")}}, "threshold=nan"),
         ({"class_path": "mosaic_lightning.allocation.Mosaic", "init_args": {"lam": 0.5}}, "lam=0.5"),
+        ({"class_path": "mosaic", "init_args": {"offset": "centered"}},
+         "offset='centered'; allowed values: ['published', 'off', 'flipped', 'centred']"),
+        ({"class_path": "mosaic", "init_args": {"offset": None}}, "offset=None; allowed values"),
         ({"class_path": "mosaic_lightning.methods.Wanda"}, "is not a subclass of mosaic_lightning.allocation"),
         ({"class_path": "no_such_module.Alloc"}, "cannot import module 'no_such_module'"),
     ],

@@ -122,7 +122,7 @@ def _started(arch: str, rho: float = 0.3) -> tuple[TinyLM, MosaicPruning, ADMM]:
     callback = _callback(schedule, pattern=pattern, sparsity=sparsity)
     schedule.on_train_batch_start(callback, _fake_trainer(0), module.model, None)
     g = torch.Generator().manual_seed(5)
-    schedule.u = {k: 0.01 * torch.randn(u.shape, generator=g) for k, u in schedule.u.items()}
+    schedule.solver.u = {k: 0.01 * torch.randn(u.shape, generator=g) for k, u in schedule.u.items()}
     return module, callback, schedule
 
 
@@ -139,7 +139,7 @@ def test_penalty_gradient_is_rho_times_w_minus_z_plus_u(arch):
     module, callback, schedule = _started(arch)
     plain = _loss_grads(module)
     _loss_grads(module)
-    schedule.add_penalty_grad(ModelAdapter(module.model))
+    schedule.solver.add_penalty_grad(ModelAdapter(module.model))
     with_penalty = {n: p.grad.clone() for n, p in module.model.named_parameters()}
 
     # Autograd of the explicit penalty rho/2 sum ||W - Z + U||^2 over the hand-written [out, in] views.

@@ -1,5 +1,6 @@
-"""Recovery: the numerics of winning quality back after pruning, free of Lightning.
+"""Recovery: the training-time numerics of pruning, free of Lightning.
 
-Owns the distillation loss. The Lightning side (schedules, LoRA recovery, the training module) imports from
-here. May import :mod:`..core` only.
+Owns the distillation loss (winning quality back after pruning) and the ADMM solver (training the weights into
+the sparse set). The Lightning side (schedules, LoRA recovery, the training module) decides when they run and
+imports from here. May import :mod:`..core` only.
 """

@@ -1,25 +1,24 @@
 """ADMM pruning as Elsa publishes it: constrain the real training loss to the sparse set, then hard-prune.
 
-One-shot methods prune against a layer-wise reconstruction proxy. ADMM instead solves
-``min f(W) s.t. W in S`` on the training loss ``f`` itself (S: exactly the configured number of weights pruned
-per projection, in the configured pattern), by splitting ``W = Z`` (scaled form, ``U`` = running residual):
+One-shot methods prune against a layer-wise reconstruction proxy. ADMM instead solves ``min f(W) s.t. W in S`` on
+the training loss ``f`` itself; the solver's steps (the penalty gradient, ``Z = Proj(W + U)``, ``U = U + W - Z``,
+the dual's rescaling when ``lambda`` changes, the final support) are in :mod:`mosaic_lightning.recovery.admm`.
+This schedule decides when each runs in a Lightning fit:
 
-    x-step  the optimizer's own steps on ``f(W) + lambda/2 ||W - Z + U||^2``: the penalty's gradient
-            ``lambda (W - Z + U)`` joins ``W.grad`` inside the optimizer step, after gradient clipping (as Elsa's
-            ``ADMMOptimizer`` does), so clipping never scales it, and once per optimizer step whatever the
-            gradient accumulation
-    z-step  ``Z = Proj(W + U)`` every ``projection_every`` optimizer steps, from the step ADMM starts
-    u-step  ``U = U + W - Z``; when the penalty weight changes (``rho_schedule``), ``U`` is rescaled by
-            ``lambda_old / lambda_new`` so the unscaled dual ``lambda U`` is unchanged
+    x-step  the optimizer's own steps: the penalty's gradient joins ``W.grad`` inside the optimizer step, after
+            gradient clipping (as Elsa's ``ADMMOptimizer`` does), so clipping never scales it, and once per
+            optimizer step whatever the gradient accumulation
+    z/u     every ``projection_every`` optimizer steps, from the step ADMM starts (``Z = Proj(W)``, ``U = 0``),
+            once per step however many batches end on it; ``lambda`` follows ``rho_schedule`` from there
+    prune   at ``end_step`` (or at train end) the weights are hard-pruned to the support of ``Proj(W)`` and the
+            callback holds the masks from then on: training after ``end_step`` is a masked fine-tune (off by
+            default, as in Elsa)
 
-``Proj`` keeps the largest scores under the callback's pattern with the exact per-projection counts of
-:func:`~mosaic_lightning.allocation.exact_counts`: Elsa projects per tensor (pattern ``unstructured-layer``, as
+``Proj`` keeps the largest scores under the callback's pattern with the exact per-projection counts of the
+engine's planner (the callback's allocation): Elsa projects per tensor (pattern ``unstructured-layer``, as
 ``recipes/admm-80.yaml`` sets); ``unstructured`` projects per row, ``N:M`` per group. The score is ``|W + U|``
 (the Euclidean projection onto S), or with ``projection="objective"`` Elsa's objective-aware ``v (W + U)^2``, ``v``
-the optimizer's second moment (Adam's ``exp_avg_sq``, not bias-corrected, as the reference; ``Z0`` is by
-magnitude since no moment exists yet). At ``end_step`` (or at train end) the weights are hard-pruned to the
-support of ``Proj(W)`` (same score) and the callback holds the masks from then on: training after ``end_step``
-is a masked fine-tune (off by default, as in Elsa).
+the optimizer's second moment (Adam's ``exp_avg_sq``; ``Z0`` is by magnitude since no moment exists yet).
 
 Elsa's optimizer (Adam, betas (0.9, 0.95), no weight decay, lr 2e-4 decaying linearly to 0, no warmup, clip 1.0)
 is the LightningModule's, not this schedule's: :class:`~mosaic_lightning.CausalLM` takes ``betas`` and
@@ -48,46 +47,20 @@ from torch import nn
 
 from ..allocation import Uniform
 from ..core.adapters import ModelAdapter, Projection
-from ..core.patterns import Pattern
 from ..core.report import PruningReport
 from ..core.validation import check_int, check_positive
-from ..core.zero import add_to_grad_, deepspeed_engine, full_fp32
+from ..core.zero import deepspeed_engine
 from ..methods import Magnitude
 from ..pruning.config import PruningConfig
 from ..pruning.engine import PruningOutcome, commit_masks, plan_pruning, projection_report
+from ..recovery.admm import RHO_SCHEDULES, ADMMSolver, MomentOf, penalty_weight, sparse_projection
 from ..trainer_access import causal_lm
 from .base import PruningHost, Schedule
 
+__all__ = ["ADMM", "PROJECTIONS", "RHO_SCHEDULES", "penalty_weight", "sparse_projection"]
+
 _UNSUPPORTED_STRATEGIES = (FSDPStrategy, ModelParallelStrategy)
-RHO_SCHEDULES = ("constant", "linear", "cosine", "exponential")
 PROJECTIONS = ("magnitude", "objective")
-
-
-def sparse_projection(
-    x: torch.Tensor, num_prune: int, pattern: Pattern, scores: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Projection of ``x`` (``[out, in]``) onto ``pattern``'s sets with ``num_prune`` zeros.
-
-    Keeps the largest ``scores`` (default ``|x|``, which makes it the Euclidean projection: the nearest such point)
-    per row, per layer or per group of M and zeros the rest. Returns ``(projected, keep)``.
-    """
-    keep = pattern.keep_mask(x.abs() if scores is None else scores, num_prune)
-    return x.masked_fill(~keep, 0), keep
-
-
-def penalty_weight(schedule: str, start: float, final: float, step: int, total: int) -> float:
-    """The penalty weight ``lambda`` at ``step`` of ``total`` ADMM steps, as Elsa's schedules: constant ``final``,
-    or from ``start`` to ``final`` linearly, along a half cosine, or geometrically (a zero ``start`` is taken as
-    1e-12 there, as the reference does)."""
-    if schedule == "constant" or total <= 0:
-        return final
-    frac = min(max(step / total, 0.0), 1.0)
-    if schedule == "linear":
-        return start + (final - start) * frac
-    if schedule == "cosine":
-        return start + (final - start) * 0.5 * (1 - math.cos(math.pi * frac))
-    origin = start if start > 0 else 1e-12
-    return origin * (final / origin) ** frac
 
 
 class ADMM(Schedule):
@@ -95,7 +68,8 @@ class ADMM(Schedule):
 
     The projection scores magnitude (or the objective-aware ``v W^2``) by construction, so the callback's
     ``method`` is not used; its ``sparsity``, ``allocation``, ``pattern``, ``targets`` and ``exclude`` are.
-    Composite (structured) pruning is not supported.
+    Composite (structured) pruning is not supported. ``solver`` holds ``Z``, ``U``, the counts and the current
+    ``lambda``; ``z``, ``u``, ``counts``, ``current_rho`` and ``num_projections`` read them.
 
     Args:
         rho: the penalty weight ``lambda`` of ``lambda/2 ||W - Z + U||^2`` (Elsa: 0.01), its final value under a
@@ -141,20 +115,37 @@ class ADMM(Schedule):
         self._optimizers: list[torch.optim.Optimizer] = []
 
     def _reset(self) -> None:
-        self.z: dict[str, torch.Tensor] = {}
-        self.u: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
+        self.solver = ADMMSolver(self.rho)
         self.ratios: dict[str, float] = {}
         self.started_at: int | None = None  # global step at which Z, U were initialised
         self.last_projection_step = -1  # with gradient accumulation several batches end on one step
-        self.num_projections = 0
-        self.current_rho = self.rho
         self.finished = False
         self.seconds = 0.0  # wall time spent in penalty and projections
 
     @property
     def active(self) -> bool:
         return self.started_at is not None and not self.finished
+
+    # -- the solver's state, read-only ---------------------------------------------------------------------
+    @property
+    def z(self) -> dict[str, torch.Tensor]:
+        return self.solver.z
+
+    @property
+    def u(self) -> dict[str, torch.Tensor]:
+        return self.solver.u
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return self.solver.counts
+
+    @property
+    def current_rho(self) -> float:
+        return self.solver.rho
+
+    @property
+    def num_projections(self) -> int:
+        return self.solver.num_projections
 
     # -- checks ------------------------------------------------------------------------------------------
     def check_run(self, callback: PruningHost, trainer: L.Trainer) -> None:
@@ -240,7 +231,7 @@ class ADMM(Schedule):
         if not self.active or engine is None or not engine.is_gradient_accumulation_boundary():
             return  # DeepSpeed reduces gradients into its fp32 partitions at the boundary: the penalty joins there
         clock = time.perf_counter()
-        self.add_penalty_grad(self._adapter_for(model, callback.config), _deepspeed_grad_scale(trainer, engine))
+        self.solver.add_penalty_grad(self._adapter_for(model, callback.config), _deepspeed_grad_scale(trainer, engine))
         self.seconds += time.perf_counter() - clock
 
     def on_train_batch_end(self, callback: PruningHost, trainer: L.Trainer, model: nn.Module) -> None:
@@ -250,7 +241,8 @@ class ADMM(Schedule):
         if step != self.last_projection_step and (step - self.started_at) % self.projection_every == 0:
             self.last_projection_step = step
             clock = time.perf_counter()
-            self._z_u_step(self._adapter_for(model, callback.config), callback.config.build_pattern())
+            adapter = self._adapter_for(model, callback.config)
+            self.solver.z_u_step(adapter, callback.config.build_pattern(), self._moment_of())
             self._update_rho(step)
             self.seconds += time.perf_counter() - clock
         if self._end is not None and step >= self._end:
@@ -276,7 +268,7 @@ class ADMM(Schedule):
             def add_penalty() -> None:
                 if self.active:
                     clock = time.perf_counter()
-                    self.add_penalty_grad(self._adapter_for(model, config))
+                    self.solver.add_penalty_grad(self._adapter_for(model, config))
                     self.seconds += time.perf_counter() - clock
 
             if closure is None:
@@ -293,33 +285,15 @@ class ADMM(Schedule):
         penalised_step.admm_schedule = self
         return penalised_step
 
-    @torch.no_grad()
-    def add_penalty_grad(self, adapter: ModelAdapter, scale: float = 1.0) -> None:
-        """``W.grad += lambda (W - Z + U)``, in the parameter's own layout (Conv1D keeps ``[in, out]``; GPT-2's
-        fused ``c_attn`` gathers its three projections' penalties into one tensor). ``scale`` puts it on the
-        gradient's scale where that is not the loss's own (DeepSpeed's loss scaling)."""
-        for projs in _by_parameter(adapter.all_projections()):
-            param = projs[0].weight
-            weight = full_fp32(param)
-            penalty = torch.zeros_like(weight)
-            for proj in projs:
-                z, u = self._state_of(proj)
-                proj.view_of(penalty).copy_(proj.view_of(weight) - z).add_(u)
-            add_to_grad_(param, penalty.mul_(self.current_rho * scale))
-
-    # -- the ADMM steps ------------------------------------------------------------------------------------
+    # -- the solver's steps, at their moments -------------------------------------------------------------
     @torch.no_grad()
     def _start(self, callback: PruningHost, trainer: L.Trainer, model: nn.Module) -> None:
-        """``Z = Proj(W)`` (by magnitude: no second moment exists yet), ``U = 0``, with the exact counts fixed for
-        the whole run."""
+        """``Z = Proj(W)``, ``U = 0``, with the exact counts fixed for the whole run."""
         config = callback.config
         adapter, pattern = self._adapter_for(model, config), config.build_pattern()
         self._plan(callback, trainer, model, adapter)
-        for proj in adapter.all_projections():
-            self.z[proj.key], _ = sparse_projection(weight_of(proj), self.counts[proj.key], pattern)
-            self.u[proj.key] = torch.zeros_like(self.z[proj.key])
         self.started_at = self.last_projection_step = trainer.global_step
-        self.current_rho = self._rho_at(trainer.global_step)
+        self.solver.start(adapter, pattern, self._rho_at(trainer.global_step))
 
     def _plan(self, callback: PruningHost, trainer: L.Trainer, model: nn.Module, adapter: ModelAdapter) -> None:
         """Exact counts from the engine's planner: the callback's allocation, measured on its calibration batches
@@ -327,40 +301,26 @@ class ADMM(Schedule):
         config = callback.config
         batches = [] if isinstance(config.allocation, Uniform) else callback.calibration_batches(trainer)
         plan = plan_pruning(model, adapter, batches, config, progress=False)
-        self.counts, self.ratios = plan.counts, plan.ratios
-
-    @torch.no_grad()
-    def _z_u_step(self, adapter: ModelAdapter, pattern: Pattern) -> None:
-        """``Z = Proj(W + U)``, ``U = U + W - Z``; new tensors, so a checkpoint being written keeps its copy."""
-        for proj in adapter.all_projections():
-            z, u = self._state_of(proj)
-            w = weight_of(proj)
-            x = w + u
-            z, _ = sparse_projection(x, self.counts[proj.key], pattern, self._scores(proj, x))
-            self.z[proj.key], self.u[proj.key] = z, (w - z).add_(u)
-        self.num_projections += 1
+        self.solver.counts, self.ratios = plan.counts, plan.ratios
 
     def _rho_at(self, step: int) -> float:
         total = (self._end - self.started_at) if self._end is not None else 0
         return penalty_weight(self.rho_schedule, self.rho_start, self.rho, step - self.started_at, total)
 
     def _update_rho(self, step: int) -> None:
-        """The scheduled ``lambda`` from this z/u step on; ``U`` rescaled by ``lambda_old / lambda_new``."""
-        new = self._rho_at(step)
-        if new != self.current_rho:
-            factor = self.current_rho / new
-            self.u = {key: u * factor for key, u in self.u.items()}
-            self.current_rho = new
+        """The scheduled ``lambda`` from this z/u step on (the solver rescales ``U``)."""
+        self.solver.set_rho(self._rho_at(step))
 
-    def _scores(self, proj: Projection, x: torch.Tensor) -> torch.Tensor | None:
-        """``v x^2`` for the objective-aware projection (None: magnitude), ``v`` the optimizer's second moment."""
-        if self.projection == "magnitude":
-            return None
-        param = proj.weight
+    def _moment_of(self) -> MomentOf | None:
+        """Where the optimizer's second moment comes from for the objective-aware projection (None: magnitude)."""
+        return None if self.projection == "magnitude" else self._second_moment
+
+    def _second_moment(self, proj: Projection) -> torch.Tensor:
+        """``exp_avg_sq`` of the projection's parameter, from whichever optimizer steps it."""
         for optimizer in self._optimizers:
-            moment = optimizer.state.get(param, {}).get("exp_avg_sq")
+            moment = optimizer.state.get(proj.weight, {}).get("exp_avg_sq")
             if moment is not None:
-                return proj.view_of(moment.float()) * x.square()
+                return moment
         raise RuntimeError(
             f"ADMM projection='objective' needs the optimizer's second moment (exp_avg_sq) of {proj.param_name}; "
             "use an Adam-type optimizer or projection='magnitude'"
@@ -368,47 +328,21 @@ class ADMM(Schedule):
 
     @torch.no_grad()
     def _finish(self, callback: PruningHost, trainer: L.Trainer, model: nn.Module) -> None:
-        """Hard-prune to the support of ``Proj(W)`` and hand masks and report to the callback.
-
-        ``Proj(W)`` rather than ``Proj(W + U)``: it is the feasible point nearest to the weights the loss was
-        trained at, so the hard prune perturbs the trained model least; near convergence (``W ~ Z``) the two
-        supports agree, and before it ``U`` (an accumulated residual, not a weight) would keep entries that are
-        small in ``W``. The agreement is reported as ``admm_support_agreement``.
-        """
+        """Hard-prune to the support of ``Proj(W)`` (:meth:`ADMMSolver.supports` says why ``W``, not ``W + U``)
+        and hand masks and report to the callback."""
         clock = time.perf_counter()
         config, adapter = callback.config, self._adapter_for(model, callback.config)
         pattern, self._optimizers = config.build_pattern(), list(trainer.optimizers)
         if self.started_at is None:  # the run ended before start_step: plain magnitude pruning
             rank_zero_warn(f"ADMM never started (run ended before start_step={self.start_step}); magnitude-pruning")
             self._plan(callback, trainer, model, adapter)
-        keeps = {}
-        for proj in adapter.all_projections():
-            w = weight_of(proj)
-            scores = self._scores(proj, w) if self.started_at is not None else None
-            keeps[proj.key] = sparse_projection(w, self.counts[proj.key], pattern, scores)[1]
-        metrics = self._diagnostics(adapter, keeps)
+        keeps = self.solver.supports(adapter, pattern, self._moment_of() if self.started_at is not None else None)
+        metrics = self.solver.diagnostics(adapter, keeps)
         masks = commit_masks(adapter, keeps)
         report = self._report(adapter, config, keeps, metrics, time.perf_counter() - clock)
-        self.z, self.u, self.finished = {}, {}, True  # free the 2x state; masks hold the result from here on
+        self.solver.release()  # free the 2x state; masks hold the result from here on
+        self.finished = True
         callback.adopt(trainer, model, PruningOutcome(masks=masks, report=report))
-
-    def _diagnostics(self, adapter: ModelAdapter, keeps: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Primal residual ``||W - Z|| / ||W||`` and the share of kept weights also kept by ``Z``."""
-        if not self.z:
-            return {"admm_z_steps": 0}
-        gap = norm = agree = kept = 0.0
-        for proj in adapter.all_projections():
-            z, _ = self._state_of(proj)
-            w = weight_of(proj)
-            gap += float((w - z).square().sum())
-            norm += float(w.square().sum())
-            agree += int((keeps[proj.key] & (z != 0)).sum())
-            kept += int(keeps[proj.key].sum())
-        return {
-            "admm_z_steps": self.num_projections,
-            "admm_primal_residual": math.sqrt(gap / max(norm, 1e-30)),
-            "admm_support_agreement": agree / max(kept, 1),
-        }
 
     def _report(
         self,
@@ -436,14 +370,6 @@ class ADMM(Schedule):
             self._adapter = ModelAdapter(model, targets=config.targets, exclude=config.exclude)
         return self._adapter
 
-    def _state_of(self, proj: Projection) -> tuple[torch.Tensor, torch.Tensor]:
-        """``Z``, ``U`` of a projection on its weight's device (a checkpoint may load them elsewhere)."""
-        z, u = self.z[proj.key], self.u[proj.key]
-        if z.device != proj.weight.device:
-            z, u = z.to(proj.weight.device), u.to(proj.weight.device)
-            self.z[proj.key], self.u[proj.key] = z, u
-        return z, u
-
     # -- checkpointing -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
@@ -461,12 +387,16 @@ class ADMM(Schedule):
 
     def load_state_dict(self, state: dict) -> None:
         self._reset()
-        self.z, self.u = dict(state.get("z", {})), dict(state.get("u", {}))
-        self.counts, self.ratios = dict(state.get("counts", {})), dict(state.get("ratios", {}))
+        self.solver = ADMMSolver(
+            state.get("current_rho", self.rho),
+            counts=state.get("counts", {}),
+            z=state.get("z", {}),
+            u=state.get("u", {}),
+            num_projections=state.get("num_projections", 0),
+        )
+        self.ratios = dict(state.get("ratios", {}))
         self.started_at = state.get("started_at")
         self.last_projection_step = state.get("last_projection_step", -1)
-        self.num_projections = state.get("num_projections", 0)
-        self.current_rho = state.get("current_rho", self.rho)
         self.finished = state.get("finished", False)
         self.seconds = state.get("seconds", 0.0)
 
@@ -477,17 +407,3 @@ def _deepspeed_grad_scale(trainer: L.Trainer, engine) -> float:
     undone inside DeepSpeed's step), so the penalty must follow both to stay ``lambda (W - Z + U)``."""
     loss_scale = float(getattr(engine.optimizer, "loss_scale", 1.0) or 1.0)
     return loss_scale / trainer.accumulate_grad_batches
-
-
-def weight_of(proj: Projection) -> torch.Tensor:
-    """The projection's whole ``[out, in]`` weight in fp32 as the optimizer steps it (DeepSpeed: the fp32
-    master, assembled from all ranks, so every rank calls this for the same projections in the same order)."""
-    return proj.view_of(full_fp32(proj.weight))
-
-
-def _by_parameter(projs: list[Projection]) -> list[list[Projection]]:
-    """Projections grouped by the parameter holding them (a fused module's parts are adjacent)."""
-    groups: dict[str, list[Projection]] = {}
-    for proj in projs:
-        groups.setdefault(proj.param_name, []).append(proj)
-    return list(groups.values())

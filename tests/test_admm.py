@@ -1,5 +1,6 @@
-"""ADMM schedule (Elsa): exact projection, penalty gradient, z/u updates, exact final sparsity that holds under
-further Adam steps, resume equality, bad input."""
+"""ADMM schedule (Elsa): the solver's steps at the right moments of a fit (penalty gradient, z/u updates, lambda
+schedule, objective-aware projection driven through the hooks), exact final sparsity that holds under further Adam
+steps, resume equality, bad input. The solver's formulas alone: ``test_admm_solver.py``."""
 
 from __future__ import annotations
 
@@ -66,42 +67,7 @@ def _keys_in_order(model) -> list[str]:
     return [p.key for p in ModelAdapter(model).all_projections()]
 
 
-# -- the projection -------------------------------------------------------------------------------------
-def test_projection_layer_scope_prunes_exactly_the_smallest():
-    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
-    z, keep = sparse_projection(x, 77, parse_pattern("unstructured-layer"))
-    assert int((~keep).sum()) == 77
-    smallest = set(sorted(range(x.numel()), key=lambda i: abs(float(x.flatten()[i])))[:77])
-    assert {i for i in range(x.numel()) if not keep.flatten()[i]} == smallest
-    assert torch.equal(z, torch.where(keep, x, torch.zeros_like(x)))
-
-
-def test_projection_row_scope_is_the_nearest_point_with_those_counts():
-    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
-    z, keep = sparse_projection(x, 77, parse_pattern("unstructured"))
-    per_row = (~keep).sum(dim=1)
-    assert int(per_row.sum()) == 77
-    assert sorted(per_row.tolist()) == [9] * 3 + [10] * 5  # 77 = 8 * 9 + 5
-    for r in range(8):  # within a row, every pruned |x| is below every kept one
-        assert x[r][~keep[r]].abs().max() < x[r][keep[r]].abs().min()
-    # Independently: the least removed energy with 9 per row and 5 rows at 10 takes each row's 9 smallest plus
-    # the 5 smallest 10th-smallest values.
-    sq = [sorted(float(v) ** 2 for v in row) for row in x]
-    optimum = sum(sum(row[:9]) for row in sq) + sum(sorted(row[9] for row in sq)[:5])
-    assert float((x - z).square().sum()) == pytest.approx(optimum, rel=1e-6)
-
-
-def test_projection_2_of_4_keeps_the_two_largest_per_group():
-    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(2))
-    z, keep = sparse_projection(x, 6 * 16 // 2, parse_pattern("2:4"))
-    groups, kept = x.abs().reshape(6, 4, 4), keep.reshape(6, 4, 4)
-    assert (kept.sum(dim=-1) == 2).all()
-    top2 = groups.topk(2, dim=-1).indices
-    expected = torch.zeros_like(kept).scatter_(-1, top2, True)
-    assert torch.equal(kept, expected)
-    assert torch.equal(z, x * keep)
-
-
+# -- the counts ------------------------------------------------------------------------------------------
 def test_admm_counts_from_the_engine_planner_are_exact_for_uniform_and_outlier_allocations(llama):
     adapter = ModelAdapter(llama)
     total = sum(p.numel for p in adapter.all_projections())

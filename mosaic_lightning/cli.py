@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .callbacks import CompactOnFitEnd, MosaicPruning
 from .callbacks.compact_on_fit_end import final_model
+from .callbacks.mosaic_pruning import build_model_now
 from .callbacks.zero_shot import ZeroShotAccuracy
 from .core.assets import local_model_dir
 from .evaluation.perplexity import perplexity
@@ -190,14 +191,35 @@ class _DensePerplexity(Callback):
     """Dense perplexity at fit start, before ``MosaicPruning`` prunes: the strategy has set the model up by then
     (ZeRO-3: partitioned, forwards gather), and every rank scores its share of the batches.
 
-    The value travels in checkpoints: a resumed run holds pruned weights at fit start, so it reports the dense
+    A run that compacts before training prunes before fit start, so its dense perplexity is measured in ``setup``
+    and the compacted model's (``ppl_compacted``, before any training) at fit start.
+
+    The values travel in checkpoints: a resumed run holds pruned weights at fit start, so it reports the dense
     perplexity its first run measured instead of scoring the pruned model as dense.
     """
+
+    _KEYS = ("ppl_dense", "dense_eval_s", "ppl_compacted", "compacted_eval_s")
 
     def __init__(self, cli: MosaicCLI) -> None:
         self.cli = cli
 
+    def _compacts_early(self, trainer) -> bool:
+        pruning = find_callback(trainer, MosaicPruning)
+        return pruning is not None and pruning.compact_before_training
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        resumed = bool(self.cli.config[self.cli.subcommand].get("ckpt_path"))
+        if stage != "fit" or not self._compacts_early(trainer) or resumed:
+            return
+        build_model_now(trainer, pl_module)
+        causal_lm(pl_module).to(trainer.strategy.root_device)
+        self.cli._metrics["ppl_dense"] = self.cli._perplexity("dense perplexity")
+
     def on_fit_start(self, trainer, pl_module) -> None:
+        if self._compacts_early(trainer):
+            if "ppl_compacted" not in self.cli._metrics:
+                self.cli._metrics["ppl_compacted"] = self.cli._perplexity("compacted perplexity")
+            return
         if "ppl_dense" in self.cli._metrics:  # restored from the checkpoint
             return
         if trainer.ckpt_path is not None and not trainer.strategy.restore_checkpoint_after_setup:
@@ -207,7 +229,7 @@ class _DensePerplexity(Callback):
         self.cli._metrics["ppl_dense"] = self.cli._perplexity("dense perplexity")
 
     def state_dict(self) -> dict[str, float]:
-        return {k: v for k, v in self.cli._metrics.items() if k in ("ppl_dense", "dense_eval_s")}
+        return {k: v for k, v in self.cli._metrics.items() if k in self._KEYS}
 
     def load_state_dict(self, state_dict: dict[str, float]) -> None:
         self.cli._metrics.update(state_dict)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import lightning as L
 import torch
@@ -17,7 +17,7 @@ from ..core.masks import MaskStore
 from ..core.report import ProjectionReport, PruningReport
 from ..core.residency import BlockResidency
 from ..core.zero import deepspeed_engine
-from ..export.compact import check_uniform_structure
+from ..export.compact import compact_model
 from ..methods import PruningMethod
 from ..pruning.config import PruningConfig
 from ..pruning.engine import PruningOutcome, prune_model
@@ -38,29 +38,17 @@ class MosaicPruning(L.Callback):
     does) or be one itself.
 
     Args:
-        sparsity: fraction of targeted projection weights to prune, parameter-weighted, in [0, 1).
-        method: which weights: ``sparsegpt`` (default, as published Mosaic), ``wanda``, ``magnitude``, ``random``,
-            or any :class:`~mosaic_lightning.methods.PruningMethod` (``class_path``/``init_args`` in recipes);
-            its options are its own arguments, e.g. ``SparseGPT(damp=0.01, mask_scope="block")``.
-        allocation: how much per projection: ``mosaic`` (default: the published Mosaic formula), ``owl`` (per
-            layer), ``uniform``, or any :class:`~mosaic_lightning.allocation.Allocation` (outlier ``threshold``
-            and ``lam`` are OWL's/Mosaic's arguments).
-        pattern: ``unstructured``, ``unstructured-layer``, ``N:M`` (``2:4``, ``4:8``) or ``mixed:M`` (N:M with N per
-            projection from the allocation, e.g. ``mixed:8`` with ``msp``).
-        targets, exclude: projections by short name (q,k,v,o,gate,up,down) or module-name regex.
-        min_sparsity, max_sparsity: bounds on any projection's sparsity (non-uniform allocations).
-        structured_fraction: share of the pruned weights removed as whole MLP channels / attention heads
-            (composite pruning; compact them with ``CompactOnFitEnd`` or ``compact_model``).
-        structured_units: unit kinds, ``mlp`` and/or ``heads``.
-        structure_lambda: spread of the per-layer unit removal (OWL's rule on unit groups).
-        uniform_structure: same kept sizes in every layer, so plain ``from_pretrained`` loads the compacted model.
-        sequential: calibrate block l on blocks < l as pruned (default, as the reference methods); False uses
-            dense activations, one pass per block (faster).
-        true_sequential: within each block too, each projection is calibrated with the ones before it pruned
-            (SparseGPT's ``--true-sequential``), in about one pass per block instead of two; see
-            :mod:`mosaic_lightning.calibration.true_sequential`.
+        sparsity ... true_sequential: what to prune and how: the fields of
+            :class:`~mosaic_lightning.PruningConfig`, documented there once. Two defaults differ from
+            ``prune_model``'s: ``method="sparsegpt"`` and ``allocation="mosaic"`` (the published Mosaic system),
+            because a training run is where users expect the paper's method, while the engine's defaults are the
+            plain baseline.
         schedule: when to prune: ``OneShot()`` at fit start (default), ``OneShot(at_step=N)``, ``Gradual(...)``
             (cubic ramp re-scored on recent training batches); see :mod:`mosaic_lightning.schedules`.
+        compact_before_training: prune in ``setup`` and remove the pruned units physically there, before Lightning
+            builds the optimizer and wraps the model, so training, DDP, checkpoints and resume all see the smaller
+            model (structure removal recovered by training, e.g. by distillation from the dense model: the
+            ``shrink-*`` recipes). Needs ``whole_units=True`` and the one-shot schedule; not under DeepSpeed.
         num_calibration_samples: sequences to calibrate on (from the datamodule's ``calibration_batches`` or its
             train loader). None = the datamodule's own setting, else 128.
         calibration_dataloader: an explicit iterable of ``input_ids`` tensors or dicts holding them.
@@ -84,9 +72,12 @@ class MosaicPruning(L.Callback):
         structured_units: list[str] | None = None,
         structure_lambda: float = 0.08,
         uniform_structure: bool = False,
+        whole_units: bool = False,
+        target_params: float | None = None,
         sequential: bool = True,
         true_sequential: bool = False,
         schedule: Schedule | None = None,
+        compact_before_training: bool = False,
         num_calibration_samples: int | None = None,
         calibration_dataloader: Iterable | None = None,
         device: str | None = None,
@@ -106,11 +97,16 @@ class MosaicPruning(L.Callback):
             structured_units=list(structured_units or ["mlp", "heads"]),
             structure_lambda=structure_lambda,
             uniform_structure=uniform_structure,
+            whole_units=whole_units,
+            target_params=target_params,
             sequential=sequential,
             true_sequential=true_sequential,
         )
         self.schedule = schedule or OneShot()
         self.schedule.validate(self.config.sparsity)
+        self.compact_before_training = compact_before_training
+        if compact_before_training:
+            _check_compact_before_training(self.config, self.schedule)
         if num_calibration_samples is not None and num_calibration_samples < 1:
             raise ValueError(f"num_calibration_samples={num_calibration_samples}; must be >= 1")
         self.num_calibration_samples = num_calibration_samples
@@ -125,12 +121,58 @@ class MosaicPruning(L.Callback):
         self._ds_step = -1  # DeepSpeed engine step whose result masks were last applied to
 
     # -- loop events ------------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """With ``compact_before_training``: arrange to prune and compact after Lightning has restored a checkpoint
+        (if any) and before its strategy builds the optimizer and wraps the model.
+
+        Lightning's order is ``setup`` -> ``configure_model`` -> checkpoint restore -> ``strategy.setup``
+        (device, DDP wrapper, optimizers) -> ``on_fit_start``, and a callback cannot tell in ``setup`` whether a
+        checkpoint follows. So the model is built now, the module's ``on_load_checkpoint`` is extended to compact
+        the freshly loaded dense model to the checkpoint's structure before its compacted weights are loaded, and
+        ``strategy.setup`` is preceded, once, by the prune and compaction of a fresh run."""
+        if stage != "fit" or not self.compact_before_training or self.compacted:
+            return
+        if deepspeed_engine_expected(trainer) or trainer.strategy.restore_checkpoint_after_setup:
+            raise ValueError(
+                f"compact_before_training=True is not supported with strategy={type(trainer.strategy).__name__} "
+                "(it shards the model before a checkpoint is restored); use a single device or DDP, or compact at "
+                "fit end with CompactOnFitEnd"
+            )
+        build_model_now(trainer, pl_module)
+        restore_load_hook = run_before(pl_module, "on_load_checkpoint", lambda ck: self._compact_like(pl_module, ck))
+
+        def prune_and_compact(*_) -> None:
+            restore_load_hook()
+            if not self.compacted:  # a fresh run; a resumed one was compacted from its checkpoint
+                model = causal_lm(pl_module)
+                model.to(trainer.strategy.root_device)
+                self.prune(trainer, model, self.config.sparsity, self.calibration_batches(trainer))
+                self._compact(model)
+
+        run_before(trainer.strategy, "setup", prune_and_compact)
+
+    def _compact(self, model: nn.Module) -> None:
+        """Remove the pruned units from ``model``: whole units only, so no mask is left to hold."""
+        compact_model(model, self.structure)
+        self.masks = MaskStore()
+        self.compacted = True
+        if self.report is not None:
+            self.report.metrics["params_after_compaction"] = sum(p.numel() for p in model.parameters())
+
+    def _compact_like(self, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        state = checkpoint.get("callbacks", {}).get(self.state_key, {})
+        if not state.get("structure"):
+            raise ValueError(
+                "the checkpoint holds no compacted structure for this MosaicPruning: it was not written by a "
+                "compact_before_training run with the same callback"
+            )
+        self.load_state_dict(state)
+        self._compact(causal_lm(pl_module))
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.schedule.check_run(self, trainer)
         model = causal_lm(pl_module)
-        if self.config.structured:  # refused here, before any work, rather than by the config at export
-            check_uniform_structure(model.config, self.config.structured_units, self.config.uniform_structure)
-        if self.masks is not None:  # restored from a checkpoint or pruned in an earlier fit
+        if self.masks is not None:  # restored from a checkpoint, pruned in an earlier fit or in setup
             self.masks.enforce_(model)
             return
         if trainer.ckpt_path is not None:  # state arrives with the checkpoint (DeepSpeed restores after this)
@@ -233,6 +275,45 @@ class MosaicPruning(L.Callback):
         self.schedule.load_state_dict(state_dict.get("schedule", {}))
         if state_dict.get("report") is not None:  # a resumed run reports and exports what the pruning run measured
             self.report = _report_from_state(state_dict["report"])
+
+
+def _check_compact_before_training(config: PruningConfig, schedule: Schedule) -> None:
+    if not config.whole_units:
+        raise ValueError(
+            "compact_before_training=True needs whole_units=True (with structured_fraction=1): only whole units "
+            "can be removed physically, and single pruned weights would have no place in the compacted model"
+        )
+    if not schedule.prunes_at_fit_start:
+        raise ValueError(
+            f"compact_before_training=True prunes once before training; schedule={type(schedule).__name__} prunes "
+            "later or gradually: use the default OneShot()"
+        )
+
+
+def deepspeed_engine_expected(trainer: L.Trainer) -> bool:
+    """Whether the run's strategy is DeepSpeed (before its engine exists, e.g. in ``setup``)."""
+    return "deepspeed" in type(trainer.strategy).__name__.lower()
+
+
+def run_before(owner: object, name: str, action: Callable[..., None]) -> Callable[[], None]:
+    """Make ``owner.<name>`` run ``action`` with the same arguments first, once, then be itself again; returns
+    a function that undoes it if the call never came."""
+    had_own = name in vars(owner)
+    original = getattr(owner, name)
+
+    def restore() -> None:
+        if had_own:
+            setattr(owner, name, original)
+        elif name in vars(owner):
+            delattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        restore()
+        action(*args, **kwargs)
+        return original(*args, **kwargs)
+
+    setattr(owner, name, wrapper)
+    return restore
 
 
 def check_device(device: str | None, field: str = "device") -> str | None:

@@ -11,14 +11,17 @@ every group must keep the same number of query heads, so removals are made in eq
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
 from .adapters import ModelAdapter, Projection
 
 MLP, HEADS = "mlp", "heads"
 UNIT_KINDS = (MLP, HEADS)
+SHAPES_KEY = "mosaic_layer_shapes"  # per-layer unit counts of a compacted model, in its config
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,34 @@ def attention_shape(config) -> tuple[int, int, int]:
     hidden = getattr(config, "hidden_size", None) or config.n_embd
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     return heads, kv_heads, head_dim
+
+
+def states_heads(config, kept: int) -> bool:
+    """Whether the family's own config can state ``kept`` query heads, so plain ``from_pretrained`` builds them:
+    it needs ``num_key_value_heads`` (OPT and GPT-2 derive the head size from ``hidden_size / heads``) and its
+    validation must accept the values (Llama and Gemma3 require ``hidden_size % num_attention_heads == 0``
+    even with an explicit ``head_dim``)."""
+    if not hasattr(config, "num_key_value_heads"):
+        return False
+    heads, kv_heads, head_dim = attention_shape(config)
+    values = {"num_attention_heads": kept, "head_dim": head_dim}
+    if kv_heads == heads:
+        values["num_key_value_heads"] = kept
+    fields = {k: v for k, v in config.to_dict().items() if k != SHAPES_KEY}
+    try:
+        type(config)(**{**fields, **values})
+    except (ValueError, TypeError, StrictDataclassError):
+        return False
+    return True
+
+
+def statable_head_counts(config) -> set[int]:
+    """The query-head counts a compacted model may keep in every layer and still load with plain
+    ``from_pretrained``: the full count, and each smaller count grouped-query attention allows that the family's
+    config accepts (none smaller for OPT and GPT-2; for Gemma-3 with hidden size 640 and 4 heads, not 3)."""
+    heads, kv_heads, _ = attention_shape(config)
+    step = kv_heads if kv_heads != heads else 1
+    return {heads} | {kept for kept in range(step, heads, step) if states_heads(config, kept)}
 
 
 def unit_groups(adapter: ModelAdapter, kinds: list[str]) -> list[UnitGroup]:
@@ -103,7 +134,7 @@ def choose_removed(group: UnitGroup, scores: torch.Tensor, num_remove: int) -> l
     for g in range(group.groups):
         local = scores[g * per_group : (g + 1) * per_group]
         lowest = torch.topk(local, num_remove // group.groups, largest=False).indices
-        removed += [g * per_group + int(i) for i in lowest]
+        removed += [g * per_group + i for i in lowest.tolist()]  # one host sync, not one per unit
     return sorted(removed)
 
 
@@ -151,12 +182,17 @@ def plan_removals(
     structural_params: int,
     uniform: bool,
     lam: float,
+    kept_heads: Collection[int] | None = None,
 ) -> dict[str, int]:
     """How many units each group loses so that about ``structural_params`` weights go structurally.
 
     Groups with fewer outliers (robust) lose more, by OWL's rule applied to unit groups. Heads are coarse
     (a head is ``head_dim`` rows), so they are rounded first and MLP channels absorb the difference. With
     ``uniform``, every layer loses the same number of units of a kind (plain HF configs can describe it).
+    ``kept_heads``: the only query-head counts a group may keep (None: any that grouped-query attention allows);
+    where only the full count is allowed, no head goes and MLP channels take the whole share.
+    The plan never removes more than ``structural_params``: single weights fill the gap, or
+    :func:`round_up_to_whole_units` adds units.
     """
     per_unit = {g.key: g.params_per_unit(projections[g.layer]) for g in groups}
     ratios = {g.key: _group_ratio(g, projections[g.layer], outlier_ratios) for g in groups}
@@ -171,7 +207,8 @@ def plan_removals(
     wanted = {g.key: fractions[g.key] * g.count for g in groups if g.kind == HEADS}
     for g in groups:
         if g.kind == HEADS:
-            plan[g.key] = min(g.valid_removals(), key=lambda n, g=g: abs(n - wanted[g.key]))
+            options = [n for n in g.valid_removals() if kept_heads is None or g.count - n in kept_heads]
+            plan[g.key] = min(options, key=lambda n, g=g: abs(n - wanted[g.key]))
     remaining = structural_params - sum(plan[g.key] * per_unit[g.key] for g in groups if g.kind == HEADS)
     mlp = [g for g in groups if g.kind == MLP]
     if mlp:
@@ -184,6 +221,44 @@ def plan_removals(
         wanted.update(raw)
     _trim(plan, groups, per_unit, wanted, structural_params, uniform)
     return plan
+
+
+def round_up_to_whole_units(
+    plan: dict[str, int],
+    groups: list[UnitGroup],
+    projections: dict[int, dict[str, Projection]],
+    goal: int,
+    uniform: bool,
+    kept_heads: Collection[int] | None = None,
+) -> None:
+    """Add whole units to ``plan`` in place, MLP channels first, then heads, until it removes at least ``goal``
+    weights: the smallest such removal for the plan's split between heads and channels (a channel is the finer
+    step). Uniform plans grow every layer together; per-layer plans grow the layer that lost the fewest units."""
+    per_unit = {g.key: g.params_per_unit(projections[g.layer]) for g in groups}
+    for kind in (MLP, HEADS):
+        while sum(plan[g.key] * per_unit[g.key] for g in groups) < goal:
+            growable = [g for g in groups if g.kind == kind and _next_removal(g, plan[g.key], kept_heads) is not None]
+            if uniform and len(growable) < sum(g.kind == kind for g in groups):
+                growable = []  # uniform: every layer grows together, or none does
+            if not growable:
+                break
+            grow = growable if uniform else [min(growable, key=lambda g: plan[g.key] / g.count)]
+            for g in grow:
+                plan[g.key] = _next_removal(g, plan[g.key], kept_heads)
+    removed = sum(plan[g.key] * per_unit[g.key] for g in groups)
+    if removed < goal:
+        raise ValueError(
+            f"whole units can remove at most {removed:,} weights here, fewer than the {goal:,} asked for; ask for a "
+            "smaller reduction or add unit kinds"
+        )
+
+
+def _next_removal(group: UnitGroup, current: int, kept_heads) -> int | None:
+    larger = [n for n in group.valid_removals() if n > current and (
+        group.kind != HEADS or kept_heads is None or group.count - n in kept_heads)]  # fmt: skip
+    return min(larger) if larger else None
+
+
 
 
 def _trim(plan: dict[str, int], groups, per_unit, wanted: dict[str, float], limit: int, uniform: bool) -> None:

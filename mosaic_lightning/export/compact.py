@@ -15,14 +15,12 @@ import os
 import pathlib
 
 import torch
-from huggingface_hub.errors import StrictDataclassError
 from safetensors.torch import load_file
 from torch import nn
 
 from ..core.adapters import ModelAdapter, Projection
-from ..core.structure import HEADS, MLP, UnitGroup, attention_shape, unit_groups
+from ..core.structure import HEADS, MLP, SHAPES_KEY, UnitGroup, attention_shape, states_heads, unit_groups
 
-SHAPES_KEY = "mosaic_layer_shapes"
 _OLD_COMPRESSED_FILE = "model.mosaic.safetensors"
 _MLP_FIELDS = ("intermediate_size", "ffn_dim", "n_inner")
 
@@ -154,41 +152,6 @@ def record_layer_shapes(config, shapes: list[dict[str, int]]) -> None:
     if kept_mlp and field is not None:
         setattr(config, field, kept_mlp.pop())
     delattr(config, SHAPES_KEY)
-
-
-def states_heads(config, kept: int) -> bool:
-    """Whether the family's own config can state ``kept`` query heads, so plain ``from_pretrained`` builds them:
-    it needs ``num_key_value_heads`` (OPT and GPT-2 derive the head size from ``hidden_size / heads``) and its
-    validation must accept the values (Llama and Gemma3 require ``hidden_size % num_attention_heads == 0``
-    even with an explicit ``head_dim``)."""
-    if not hasattr(config, "num_key_value_heads"):
-        return False
-    heads, kv_heads, head_dim = attention_shape(config)
-    values = {"num_attention_heads": kept, "head_dim": head_dim}
-    if kv_heads == heads:
-        values["num_key_value_heads"] = kept
-    fields = {k: v for k, v in config.to_dict().items() if k != SHAPES_KEY}
-    try:
-        type(config)(**{**fields, **values})
-    except (ValueError, TypeError, StrictDataclassError):
-        return False
-    return True
-
-
-def check_uniform_structure(config, structured_units: list[str], uniform_structure: bool) -> None:
-    """Before any work: ``uniform_structure`` promises a compacted model that plain ``from_pretrained`` loads;
-    refuse removing heads where some count the plan may keep could not be stated by the family's config."""
-    if not uniform_structure or HEADS not in structured_units:
-        return
-    heads, kv_heads, _ = attention_shape(config)
-    step = kv_heads if kv_heads != heads else 1
-    refused = [kept for kept in range(step, heads, step) if not states_heads(config, kept)]
-    if refused:
-        raise ValueError(
-            f"uniform_structure=True with structured_units={structured_units!r}: {type(config).__name__} cannot "
-            f"state {refused} attention heads (of {heads}), so plain from_pretrained could not load the compacted "
-            "model; set structured_units=['mlp'], or uniform_structure=false (per-layer sizes, load with load_pruned)"
-        )
 
 
 def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:

@@ -42,7 +42,17 @@ class PruningConfig:
         structure_lambda: spread of the per-layer unit removal (OWL's rule on unit groups): removed fractions
             span ``2 * structure_lambda`` around their mean.
         uniform_structure: remove the same number of units in every layer, so that a plain HF config
-            describes the compacted model; otherwise per-layer sizes (load with ``load_pruned``).
+            describes the compacted model; otherwise per-layer sizes (load with ``load_pruned``). Only head counts
+            the family's config can state are kept (for Gemma-3 with hidden size 640 and 4 heads: 4, 2 or 1, not
+            3); where none smaller can be stated (OPT, GPT-2), MLP channels take the whole structured share.
+        whole_units: remove whole units only, no single weights (needs ``structured_fraction=1``): the removal is
+            rounded up to whole units, so at least ``sparsity`` of the projections' weights goes and the model
+            compacts to a plain smaller one with no zeros left to hold.
+        target_params: a size target instead of ``sparsity`` (needs ``whole_units``): the model's parameter
+            count after compaction, all parameters counted once as ``num_parameters()`` does (embeddings
+            included), as a fraction of the dense model's (``0 < x < 1``) or an absolute count (``x >= 1``).
+            Whole units go until the size is at or below the target (the closest size not above it for the
+            planner's split between heads and channels); the remainder is reported.
         sequential: calibrate each block on the output of the blocks before it *as pruned* (as Wanda's and
             SparseGPT's reference code do; two passes per block); False uses the dense model's activations
             (one pass per block, faster, usually slightly worse).
@@ -65,6 +75,8 @@ class PruningConfig:
     structured_units: list[str] = field(default_factory=lambda: ["mlp", "heads"])
     structure_lambda: float = 0.08
     uniform_structure: bool = False
+    whole_units: bool = False
+    target_params: float | None = None
     sequential: bool = True
     true_sequential: bool = False
 
@@ -129,6 +141,20 @@ class PruningConfig:
         unknown = [u for u in self.structured_units if u not in UNIT_KINDS]
         if unknown or not self.structured_units:
             raise ValueError(f"structured_units={self.structured_units!r}; allowed values: {list(UNIT_KINDS)}")
+        if self.whole_units and self.structured_fraction != 1:
+            raise ValueError(
+                f"whole_units=True with structured_fraction={self.structured_fraction}: whole units only means "
+                "structured only; set structured_fraction=1"
+            )
+        if self.target_params is not None:
+            _check_number("target_params", self.target_params)
+            if not self.whole_units:
+                raise ValueError("target_params needs whole_units=True (a size is reached by removing whole units)")
+            if self.target_params <= 0 or (self.target_params > 1 and self.target_params != int(self.target_params)):
+                raise ValueError(
+                    f"target_params={self.target_params!r}; allowed values: a fraction 0 < x < 1 of the dense "
+                    "model's parameters, or a whole number of parameters >= 1"
+                )
         if self.structured_fraction > 0 and isinstance(pattern, NM | MixedNM):
             raise ValueError(
                 f"structured_fraction={self.structured_fraction} needs an unstructured pattern, not "

@@ -16,6 +16,8 @@ written out as soon as the next block's inputs are computed from it (the source 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import pathlib
 import tempfile
 import time
@@ -38,6 +40,8 @@ from ..core.structure import (
     UnitGroup,
     check_removals,
     plan_removals,
+    round_up_to_whole_units,
+    statable_head_counts,
     structural_counts,
     structural_keep,
     unit_groups,
@@ -78,12 +82,13 @@ class Plan:
     unit_groups: list[UnitGroup] = field(default_factory=list)
     removals: dict[str, int] = field(default_factory=dict)  # unit group key -> units to remove
     allocation: dict = field(default_factory=dict)  # what the allocation measured or searched (report)
+    size: dict = field(default_factory=dict)  # parameters before and after compaction, for whole-unit plans
 
     def to_dict(self) -> dict:
         """What a resumable streamed run saves (JSON): all but the unit groups, which follow from the model and
         the config (``Plan(**saved, unit_groups=unit_groups(adapter, config.structured_units))`` restores it)."""
         return {"counts": self.counts, "unstructured": self.unstructured, "ratios": self.ratios,
-                "removals": self.removals, "allocation": self.allocation}  # fmt: skip
+                "removals": self.removals, "allocation": self.allocation, "size": self.size}  # fmt: skip
 
 
 def prune_model(
@@ -102,6 +107,7 @@ def prune_model(
     from the block it had reached (its earlier blocks already written out).
     """
     adapter = adapter or ModelAdapter(model, targets=config.targets, exclude=config.exclude)
+    config = with_size_target(model, adapter, config)
     residency = residency or BlockResidency(adapter)
     pattern = config.build_pattern()
     projections = adapter.all_projections()
@@ -127,6 +133,7 @@ def prune_model(
     report.calibration = {"batches": sum_over_ranks(len(batches)), "tokens": sum_over_ranks(pruned.tokens)}
     report.structure = pruned.pending.removed
     report.allocation = plan.allocation
+    report.metrics.update(plan.size)
     report.projections = pruned.rows
     report.record_peak_memory("prune")
     return PruningOutcome(masks=masks, report=report, structure=pruned.pending.removed)
@@ -202,15 +209,18 @@ def plan_pruning(
     if groups:
         by_layer = {layer: {p.name: p for p in adapter.projections(layer)} for layer in range(adapter.num_layers)}
         target = round(config.structured_fraction * goal)
+        kept_heads = statable_head_counts(model.config) if config.uniform_structure else None
         removals = budget.unit_removals  # an allocation may plan the units itself (StructPrune's energy softmax)
         if removals is None:
             removals = plan_removals(
-                groups, by_layer, budget.ratios, target, config.uniform_structure, config.structure_lambda
+                groups, by_layer, budget.ratios, target, config.uniform_structure, config.structure_lambda, kept_heads
             )
+        if config.whole_units:
+            round_up_to_whole_units(removals, groups, by_layer, goal, config.uniform_structure, kept_heads)
         check_removals(groups, removals, f"allocation {config.allocation.label!r}")
         structural = structural_counts(groups, removals, by_layer)
     remaining = {k: n - structural.get(k, 0) for k, n in sizes.items()}
-    single = goal - sum(structural.values())
+    single = 0 if config.whole_units else goal - sum(structural.values())
     if single < 0:
         raise ValueError(
             f"structured_fraction={config.structured_fraction}: whole units alone remove more than "
@@ -218,8 +228,69 @@ def plan_pruning(
         )
     quanta = count_quanta(config.build_pattern(), projections)
     unstructured = exact_counts(remaining, budget.sparsity, config.sparsity, *config.bounds(), single, quanta)
+    if config.whole_units:
+        unstructured = dict.fromkeys(sizes, 0)
     counts = {k: structural.get(k, 0) + unstructured[k] for k in sizes}
-    return Plan(counts, unstructured, budget.ratios, groups, removals, budget.details)
+    size = _planned_size(model, groups, removals, structural, config) if config.whole_units else {}
+    if size and progress:
+        tqdm.write(describe_size(size))
+    return Plan(counts, unstructured, budget.ratios, groups, removals, budget.details, size)
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Every parameter counted once (tied embeddings once), at its full size under ZeRO-3: ``num_parameters()``."""
+    unique = {id(p): p for p in model.parameters()}.values()
+    return sum(math.prod(full_shape(p)) for p in unique)
+
+
+def with_size_target(model: nn.Module, adapter: ModelAdapter, config: PruningConfig) -> PruningConfig:
+    """``config`` with ``sparsity`` derived from its ``target_params`` (unchanged without one); an unreachable
+    target is refused here, before any work."""
+    if config.target_params is None:
+        return config
+    dense = parameter_count(model)
+    value = config.target_params
+    target = round(value * dense) if value < 1 else int(value)
+    prunable = sum(p.numel for p in adapter.all_projections())
+    if target >= dense:
+        raise ValueError(
+            f"target_params={value!r} asks for {target:,} parameters, not fewer than the dense model's {dense:,}"
+        )
+    if dense - target >= prunable:
+        raise ValueError(
+            f"target_params={value!r} ({target:,} parameters) is out of reach: the pruned projections hold "
+            f"{prunable:,} of the model's {dense:,} parameters, so no size at or below {dense - prunable:,} can "
+            "be reached; ask for more parameters"
+        )
+    return dataclasses.replace(config, sparsity=(dense - target) / prunable)
+
+
+def _planned_size(model, groups: list[UnitGroup], removals, structural, config: PruningConfig) -> dict:
+    """What the compacted export will hold, known before any weight changes: parameters, bytes, kept units."""
+    dense = parameter_count(model)
+    after = dense - sum(structural.values())
+    dtype = next(model.parameters()).dtype
+    size = {"params_dense": dense, "params_planned": after,
+            "planned_file_mb": after * dtype.itemsize / 2**20}  # fmt: skip
+    for kind in sorted({g.kind for g in groups}):
+        size[f"kept_{kind}_per_layer"] = [g.count - removals[g.key] for g in groups if g.kind == kind]
+    if config.target_params is not None:
+        value = config.target_params
+        size["params_target"] = round(value * dense) if value < 1 else int(value)
+    return size
+
+
+def describe_size(size: dict) -> str:
+    """One line: the planned parameter count, against the target where there is one, file size and kept units."""
+    text = f"whole-unit plan: {size['params_dense']:,} -> {size['params_planned']:,} parameters"
+    if "params_target" in size:
+        text += f" (target {size['params_target']:,}; {size['params_target'] - size['params_planned']:,} under)"
+    text += f", about {size['planned_file_mb']:.0f} MB of weights"
+    for key, kept in size.items():
+        if key.startswith("kept_"):
+            shown = kept[0] if len(set(kept)) == 1 else kept
+            text += f"; {key.removeprefix('kept_').removesuffix('_per_layer')} kept per layer: {shown}"
+    return text
 
 
 @contextmanager
@@ -307,6 +378,11 @@ def _prune_block(adapter, layer: int, stream: InputStream, pattern, config: Prun
 def _to_weights_device(pending: _Pending, projections: list[Projection]) -> None:
     """Keep masks off the execution device (new weights go to the weights' device as they are written)."""
     for proj in projections:
+        if isinstance(pending.keeps, SpilledTensors):  # already in host files: only where they are read back moves
+            for store in (pending.keeps, pending.weights):
+                if proj.key in store:
+                    store.move(proj.key, proj.weight.device)
+            continue
         keep = pending.keeps.get(proj.key)
         if keep is not None and keep.device != proj.weight.device:
             pending.keeps[proj.key] = keep.to(proj.weight.device)
@@ -352,7 +428,8 @@ def _check_results(block: BlockContext, results: dict[str, PruneResult], plan: P
                 f"method {method!r}: keep mask of {block.adapter.module_name(proj)} is "
                 f"{result.keep.dtype}{list(result.keep.shape)}, expected torch.bool{list(shape)}"
             )
-        pruned = int((~result.keep).sum())
+    counted = torch.stack([(~results[p.key].keep).sum() for p in block.projections]).tolist()  # one host sync
+    for proj, pruned in zip(block.projections, counted, strict=True):
         if pruned != plan.counts[proj.key]:
             raise RuntimeError(
                 f"method {method!r} pruned {pruned} weights of {block.adapter.module_name(proj)}, the plan says "

@@ -47,7 +47,7 @@ from ..core.report import ProjectionReport, PruningReport, peak_memory, reset_pe
 from ..core.residency import move_tensors
 from ..core.structure import UnitGroup, unit_groups
 from ..evaluation.perplexity import score_hidden
-from ..export.compact import check_uniform_structure, layer_shapes, record_layer_shapes, remove_units, shapes_after
+from ..export.compact import layer_shapes, record_layer_shapes, remove_units, shapes_after
 from ..export.model_card import model_card
 from ..export.save import check_export_dir
 from ..pruning.config import PruningConfig
@@ -158,8 +158,6 @@ def prune_streamed(
     source = SafetensorsSource(source_dir)
     model = meta_skeleton(source_dir, dtype)
     adapter = ModelAdapter(model, targets=config.targets, exclude=config.exclude)
-    if config.structured:
-        check_uniform_structure(model.config, config.structured_units, config.uniform_structure)
     streamed = StreamedModel(model, adapter, source)
     work = partial_dir(export_dir)
     work.mkdir(exist_ok=True)

@@ -24,7 +24,7 @@ import time
 import torch
 
 from mosaic_lightning import PruningConfig, compact_model, perplexity, prune_model
-from mosaic_lightning.allocation import MSP, Mosaic
+from mosaic_lightning.allocation import MSP, Mosaic, OutlierWeighted
 from mosaic_lightning.core.assets import BUNDLED_MODEL, load_causal_lm, load_tokenizer, wikipedia_split
 from mosaic_lightning.evaluation.zero_shot import metric_cell, task_manager, zero_shot_accuracy
 from mosaic_lightning.lit.data import TokenWindows
@@ -72,6 +72,36 @@ def variant(allocation) -> str:
     if isinstance(allocation, Mosaic):
         return f"mosaic-M{allocation.threshold:g}-{allocation.offset}"
     return allocation.label
+
+
+class ProfileCache:
+    """``--reuse-profiles``: the outlier profile (a dense pass of Wanda scores) depends only on the allocation class,
+    its threshold and the calibration draw, so Mosaic's offset modes on one draw share it (exactly the same numbers).
+    Rows that reused one are marked ``profile_reused`` and their ``prune_s`` lacks that pass: its first computation's
+    time is ``profile_s`` of the row that computed it."""
+
+    def __init__(self) -> None:
+        self.saved: dict[tuple, dict[str, float]] = {}
+        self.reused, self.seconds = False, 0.0
+        original = OutlierWeighted.outlier_profile
+
+        def cached(allocation, context, groups):
+            key = (type(allocation).__name__, allocation.threshold, tuple(id(b) for b in context.batches))
+            if key in self.saved:
+                self.reused = True
+                return self.saved[key]
+            clock = time.perf_counter()
+            self.saved[key] = original(allocation, context, groups)
+            self.seconds = time.perf_counter() - clock
+            return self.saved[key]
+
+        OutlierWeighted.outlier_profile = cached
+
+    def take(self) -> dict:
+        """What the last row did: ``{"profile_reused": True}`` or ``{"profile_s": seconds}`` (or nothing)."""
+        row = {"profile_reused": True} if self.reused else ({"profile_s": self.seconds} if self.seconds else {})
+        self.reused, self.seconds = False, 0.0
+        return row
 
 
 def configs(args) -> list[PruningConfig]:
@@ -191,6 +221,8 @@ def main() -> None:
     parser.add_argument("--suite", choices=["core", "composite", "sequential", "order", "allocation", "sparsellm",
                                             "msp", "msp-nm", "structprune", "accuracy", "mosaic-variants"],
                         default="core")  # fmt: skip
+    parser.add_argument("--reuse-profiles", action="store_true",
+                        help="one outlier profile per (allocation class, threshold, draw); see ProfileCache")
     parser.add_argument("--draws", type=int, default=1,
                         help="calibration draws per row (seeds 0..N-1; held-out windows fixed): cells report the "
                              "mean, min and max")  # fmt: skip
@@ -227,6 +259,7 @@ def main() -> None:
                 "ppl": perplexity(dense, evaluation, progress=False), **accuracy(dense)}]  # fmt: skip
     del dense
     print(json.dumps(results[0]), flush=True)
+    profiles = ProfileCache() if args.reuse_profiles else None
     runs = [(seed, calibration, config) for seed, (calibration, _) in enumerate(draws) for config in configs(args)]
     for seed, calibration, config in runs:
         model = load_causal_lm(BUNDLED_MODEL)
@@ -254,6 +287,7 @@ def main() -> None:
             "layer_sparsity": _layer_means(outcome.report),
             "allocation_details": {k: v for k, v in outcome.report.allocation.items() if k != "population"},
         }
+        row.update(profiles.take() if profiles else {})
         row.update(accuracy(model))
         if outcome.structure:  # the physically smaller model: parameters after compaction
             compact_model(model, outcome.structure)

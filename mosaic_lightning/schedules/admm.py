@@ -57,6 +57,7 @@ from ..recovery.admm import RHO_SCHEDULES, ADMMSolver, MomentOf, penalty_weight,
 from ..trainer_access import causal_lm
 from .base import PruningHost, Schedule
 
+# The solver's formulas stay importable from here, where they were first defined.
 __all__ = ["ADMM", "PROJECTIONS", "RHO_SCHEDULES", "penalty_weight", "sparse_projection"]
 
 _UNSUPPORTED_STRATEGIES = (FSDPStrategy, ModelParallelStrategy)

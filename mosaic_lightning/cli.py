@@ -7,6 +7,7 @@ again and writes a Hugging Face directory with ``pruning_report.json``.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from .callbacks import CompactOnFitEnd, MosaicPruning
 from .callbacks.compact_on_fit_end import final_model
 from .callbacks.mosaic_pruning import build_model_now
 from .callbacks.zero_shot import ZeroShotAccuracy
+from .console import quiet_dependencies, reported_errors, run_summary, weight_bytes
 from .core.assets import local_model_dir
 from .evaluation.perplexity import perplexity
 from .evaluation.zero_shot import check_task_options, evaluation_table
@@ -26,6 +28,7 @@ from .export.checkpoints import check_checkpoint
 from .export.save import check_export_dir, save_pruned
 from .lit import CausalLM, TextDataModule
 from .lit.module import DTYPES
+from .shipped import listing, packaged_path, resolve_config_args
 from .streaming.job import check_streamable, prune_streamed
 from .trainer_access import causal_lm, find_callback
 
@@ -38,6 +41,7 @@ class MosaicCLI(LightningCLI):
         # The resolved config goes into the export as recipe.yaml instead of the working directory, where a
         # second run would refuse to start (or overwrite the first run's file).
         kwargs.setdefault("save_config_callback", None)
+        quiet_dependencies()
         super().__init__(*args, **kwargs)
 
     def parse_arguments(self, parser, args) -> None:
@@ -47,6 +51,23 @@ class MosaicCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand and self.config[subcommand].get("ckpt_path"):
             check_checkpoint(self.config[subcommand].ckpt_path)
+
+    def before_instantiate_classes(self) -> None:
+        """One-shot runs (``trainer.max_steps`` 0) skip Lightning's model summary (nothing trains) and its "max_steps
+        reached" notice; a DeepSpeed config file given as ``configs/...`` is found in the package from any
+        directory; runs without DeepSpeed drop its accelerator notice."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.trainer
+        one_shot = trainer.get("max_steps") == 0
+        if one_shot and trainer.get("enable_model_summary") is None:
+            trainer.enable_model_summary = False
+        strategy = trainer.get("strategy")
+        init_args = strategy.get("init_args") if hasattr(strategy, "get") else None
+        if init_args is not None and isinstance(init_args.get("config"), str):
+            packaged = packaged_path(init_args.config)
+            if packaged is not None:
+                init_args.config = str(packaged)
+        quiet_dependencies(one_shot=one_shot, deepspeed="deepspeed" in str(strategy).lower())
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(MosaicPruning, "pruning")
@@ -127,7 +148,7 @@ class MosaicCLI(LightningCLI):
         eval_batches = [b["input_ids"] for b in self.datamodule.val_dataloader()] if config.evaluate else None
         callback.report = prune_streamed(
             source, DTYPES[self.model.hparams.dtype], callback.config, batches, config.export_dir, eval_batches,
-            self.datamodule.tokenizer, callback.device, progress=callback.verbose,
+            self.datamodule.tokenizer, callback.device, progress=callback.verbose, extra_files=self._recipe_file(),
         )  # fmt: skip
 
     def after_fit(self) -> None:
@@ -159,8 +180,14 @@ class MosaicCLI(LightningCLI):
             rank_zero_info(evaluation_table(self._metrics, report.tasks))
         if config.export_dir and self.trainer.is_global_zero:
             path = save_pruned(model, self.datamodule.tokenizer, config.export_dir, report, config.compress_export,
-                               base_model=config.model.pretrained)  # fmt: skip
+                               self._recipe_file(), base_model=config.model.pretrained)  # fmt: skip
             rank_zero_info(f"saved pruned model and pruning_report.json to {path}")
+
+    def _recipe_file(self) -> dict[str, str]:
+        """The resolved recipe, every value included, as ``recipe.yaml`` in the export: an export says how it was
+        made, and ``--config <export>/recipe.yaml`` makes it again."""
+        config = self.config[self.subcommand]
+        return {"recipe.yaml": self._parser(self.subcommand).dump(config, skip_none=False)}
 
     def _log_and_summarise(self, report, logged: dict[str, float]) -> None:
         """The run's total time and peak memory into ``report``; ``logged`` to every logger; the summary printed."""
@@ -235,5 +262,13 @@ class _DensePerplexity(Callback):
         self.cli._metrics.update(state_dict)
 
 
-def main() -> None:
-    MosaicCLI()
+def main(args: list[str] | None = None) -> None:
+    """The ``mosaic-lightning`` command (``python train.py`` is the same): LightningCLI's subcommands, with
+    ``--config`` taking a shipped recipe or config by name, and ``recipes`` listing them. An error ends in one
+    line, ``error: <message>``, and exit status 1 (``MOSAIC_TRACEBACK=1`` shows the traceback)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    with reported_errors():
+        if argv[:1] == ["recipes"]:
+            print(listing())
+            return
+        MosaicCLI(args=resolve_config_args(argv))

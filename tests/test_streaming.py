@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import random_batches, write_text_files
 from transformers import AutoModelForCausalLM
 
@@ -222,6 +223,13 @@ def test_cli_stream_export_equals_in_memory_export(tmp_path, tiny_model_dir):
     assert not list((tmp_path / "streamed").glob("*.partial"))
     assert (tmp_path / "streamed" / "model.safetensors.index.json").is_file()
     assert (tmp_path / "streamed" / "tokenizer.json").is_file()
+    beside_weights = [{f.name for f in (tmp_path / d).iterdir() if not f.name.startswith("model")}
+                      for d in ("streamed", "in_memory")]  # fmt: skip
+    assert beside_weights[0] == beside_weights[1]
+    assert {"recipe.yaml", "README.md", "pruning_report.json", "config.json"} <= beside_weights[0]
+    recipes = [yaml.safe_load((tmp_path / d / "recipe.yaml").read_text()) for d in ("streamed", "in_memory")]
+    assert recipes[0]["stream"] is True and recipes[1]["stream"] is False
+    assert recipes[0]["pruning"] == recipes[1]["pruning"] and recipes[0]["pruning"]["sparsity"] == 0.5
 
 
 def test_cli_streamed_structprune_exports_the_in_memory_compacted_model(tmp_path, tiny_model_dir):

@@ -59,17 +59,36 @@ def save_pruned(
             _save_compressed(model, tmp)
         else:
             model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        if report is not None:
-            report.save_json(tmp / "pruning_report.json")
-            report.save_heatmap(tmp / "sparsity_heatmap.png")
-            report.save_search_plot(tmp / "allocation_search.png")
-            base_model = base_model or getattr(getattr(model, "config", None), "_name_or_path", None)
-            (tmp / "README.md").write_text(model_card(report, base_model), encoding="utf-8")
+        write_beside_weights(model, tokenizer, tmp, report, extra_files, base_model, config_written=True)
     return pathlib.Path(export_dir).absolute()
+
+
+def write_beside_weights(
+    model: nn.Module,
+    tokenizer,
+    directory: pathlib.Path,
+    report: PruningReport | None = None,
+    extra_files: dict[str, str] | None = None,
+    base_model: str | None = None,
+    config_written: bool = False,
+) -> None:
+    """Every export file but the weights, the same for an in-memory and a streamed run: config and generation
+    config (unless ``save_pretrained`` wrote them already), tokenizer, ``extra_files``, and with a report:
+    ``pruning_report.json``, the sparsity heat map, an allocation search's plot (MSP) and the model card."""
+    if not config_written:
+        model.config.save_pretrained(directory)
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    for name, text in (extra_files or {}).items():
+        (directory / name).write_text(text)
+    if report is not None:
+        report.save_json(directory / "pruning_report.json")
+        report.save_heatmap(directory / "sparsity_heatmap.png")
+        report.save_search_plot(directory / "allocation_search.png")
+        base_model = base_model or getattr(getattr(model, "config", None), "_name_or_path", None)
+        (directory / "README.md").write_text(model_card(report, base_model), encoding="utf-8")
 
 
 @contextmanager

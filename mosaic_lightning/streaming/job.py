@@ -48,8 +48,7 @@ from ..core.residency import move_tensors
 from ..core.structure import UnitGroup, unit_groups
 from ..evaluation.perplexity import score_hidden
 from ..export.compact import layer_shapes, record_layer_shapes, remove_units, shapes_after
-from ..export.model_card import model_card
-from ..export.save import check_export_dir
+from ..export.save import check_export_dir, write_beside_weights
 from ..pruning.config import PruningConfig
 from ..pruning.engine import Plan, StartPoint, prune_model
 from .shards import SafetensorsSource, ShardWriter, StreamedBlocks, StreamedModel, meta_skeleton
@@ -149,10 +148,13 @@ def prune_streamed(
     tokenizer=None,
     device: str | None = None,
     progress: bool = True,
+    extra_files: dict[str, str] | None = None,
 ) -> PruningReport:
     """Prune ``source_dir``'s model block by block from its shards into ``export_dir`` (resumable; see the module
     docstring). ``eval_batches``: dense and pruned perplexity, each one streamed pass. A resumed run must have the
-    same source, dtype, pruning config, device and calibration/evaluation tokens (checked)."""
+    same source, dtype, pruning config, device and calibration/evaluation tokens (checked). The other export
+    files are :func:`~mosaic_lightning.export.save.save_pruned`'s, ``extra_files`` (e.g. the resolved recipe)
+    included."""
     check_export_dir(export_dir)
     check_streamable(config)
     source = SafetensorsSource(source_dir)
@@ -195,7 +197,7 @@ def prune_streamed(
             report.metrics["ppl_pruned"] = streamed_perplexity(pruned, eval_batches, device, "pruned perplexity",
                                                                progress)  # fmt: skip
     report.io_bytes, report.peak_memory_mb = io, {**peaks, **report.peak_memory_mb}
-    _write_metadata(model, tokenizer, work, report, run["source"])
+    write_beside_weights(model, tokenizer, work, report, extra_files, run["source"])
     state.finish()
     _publish(work, pathlib.Path(export_dir).absolute())
     return report
@@ -228,18 +230,6 @@ class _phase:
 
     def _written(self) -> int:
         return self.writer.bytes_written if self.writer is not None else 0
-
-
-def _write_metadata(model: nn.Module, tokenizer, directory: pathlib.Path, report: PruningReport, base: str) -> None:
-    """What ``save_pretrained`` writes besides the weights, and our report files (as :func:`save_pruned`)."""
-    model.config.save_pretrained(directory)
-    if getattr(model, "generation_config", None) is not None and model.can_generate():
-        model.generation_config.save_pretrained(directory)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
-    report.save_json(directory / "pruning_report.json")
-    report.save_heatmap(directory / "sparsity_heatmap.png")
-    (directory / "README.md").write_text(model_card(report, base), encoding="utf-8")
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from .callbacks.zero_shot import ZeroShotAccuracy
 from .console import quiet_dependencies, reported_errors, run_summary, weight_bytes
 from .core.assets import local_model_dir
 from .evaluation.perplexity import perplexity
-from .evaluation.zero_shot import check_task_options, evaluation_table
+from .evaluation.zero_shot import check_task_options
 from .export.checkpoints import check_checkpoint
 from .export.save import check_export_dir, save_pruned
 from .lit import CausalLM, TextDataModule
@@ -51,6 +52,23 @@ class MosaicCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand and self.config[subcommand].get("ckpt_path"):
             check_checkpoint(self.config[subcommand].ckpt_path)
+
+    def before_instantiate_classes(self) -> None:
+        """One-shot runs (``trainer.max_steps`` 0) skip Lightning's model summary (nothing trains) and its "max_steps
+        reached" notice; a DeepSpeed config file given as ``configs/...`` is found in the package from any
+        directory; runs without DeepSpeed drop its accelerator notice."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.trainer
+        one_shot = trainer.get("max_steps") == 0
+        if one_shot and trainer.get("enable_model_summary") is None:
+            trainer.enable_model_summary = False
+        strategy = trainer.get("strategy")
+        init_args = strategy.get("init_args") if hasattr(strategy, "get") else None
+        if init_args is not None and isinstance(init_args.get("config"), str):
+            packaged = packaged_path(init_args.config)
+            if packaged is not None:
+                init_args.config = str(packaged)
+        quiet_dependencies(one_shot=one_shot, deepspeed="deepspeed" in str(strategy).lower())
 
     def before_instantiate_classes(self) -> None:
         """One-shot runs (``trainer.max_steps`` 0) skip Lightning's model summary (nothing trains) and its "max_steps
@@ -156,8 +174,9 @@ class MosaicCLI(LightningCLI):
         if config.stream:  # exported by the streamed job itself
             report = self._pruning_callback().report
             self._log_and_summarise(report, report.metrics)
+            report.metrics["weights_bytes_export"] = weight_bytes(config.export_dir)
             report.save_json(Path(config.export_dir) / "pruning_report.json")  # now with the run's total
-            rank_zero_info(f"saved pruned model and pruning_report.json to {config.export_dir}")
+            rank_zero_info(run_summary(report, config.export_dir))
             return
         callback = self._pruning_callback()
         report = callback.report
@@ -175,13 +194,16 @@ class MosaicCLI(LightningCLI):
             self._metrics.update(self._zero_shot.seconds)
         logged = {**self._metrics, **(self._zero_shot.logged_metrics() if self._zero_shot else {})}
         report.metrics.update(self._metrics)
+        if model is not None:
+            self._record_sizes(report, model)
         self._log_and_summarise(report, logged)
-        if self._zero_shot:
-            rank_zero_info(evaluation_table(self._metrics, report.tasks))
+        export_clock = time.perf_counter()
+        if not (config.export_dir and self.trainer.is_global_zero):
+            rank_zero_info(run_summary(report))
         if config.export_dir and self.trainer.is_global_zero:
             path = save_pruned(model, self.datamodule.tokenizer, config.export_dir, report, config.compress_export,
                                self._recipe_file(), base_model=config.model.pretrained)  # fmt: skip
-            rank_zero_info(f"saved pruned model and pruning_report.json to {path}")
+            self._exported(report, path, export_clock)
 
     def _recipe_file(self) -> dict[str, str]:
         """The resolved recipe, every value included, as ``recipe.yaml`` in the export: an export says how it was
@@ -190,13 +212,37 @@ class MosaicCLI(LightningCLI):
         return {"recipe.yaml": self._parser(self.subcommand).dump(config, skip_none=False)}
 
     def _log_and_summarise(self, report, logged: dict[str, float]) -> None:
-        """The run's total time and peak memory into ``report``; ``logged`` to every logger; the summary printed."""
+        """The run's total time and peak memory into ``report``; ``logged`` to every logger."""
         report.timings["total"] = time.perf_counter() - self._clock
         report.record_run_peak_memory()
         for logger in self.trainer.loggers:
             logger.log_metrics(logged, step=self.trainer.global_step)
             logger.save()
-        rank_zero_info(report.summary())
+
+    @staticmethod
+    def _record_sizes(report, model: torch.nn.Module) -> None:
+        """Parameters of the dense and the final model, how many of the final one are zero, and the bytes a dense
+        export's weights would take at the final model's dtype, into ``report.metrics`` (the summary table's
+        before/after rows). The dense count is the final one plus what compaction removed (left out where a
+        compaction recorded no count before it)."""
+        params = sum(p.numel() for p in model.parameters())
+        nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
+        report.metrics.update(params_export=params, nonzero_params_export=nonzero)
+        metrics = report.metrics
+        if "params_after_compaction" in metrics and "params_before_compaction" not in metrics:
+            return
+        dense = params + metrics.get("params_before_compaction", 0) - metrics.get("params_after_compaction", 0)
+        report.metrics.update(params_dense=dense, weights_bytes_dense=dense * next(model.parameters()).element_size())
+
+    def _exported(self, report, path: Path, clock: float) -> None:
+        """After ``save_pruned``: its time, the weight files' size and the run's total into ``report`` and the
+        export's ``pruning_report.json``; then the summary table."""
+        report.timings["export"] = time.perf_counter() - clock
+        report.metrics["weights_bytes_export"] = weight_bytes(path)
+        report.timings["total"] = time.perf_counter() - self._clock
+        report.record_run_peak_memory()
+        report.save_json(Path(path) / "pruning_report.json")
+        rank_zero_info(run_summary(report, path))
 
     def _final_model(self, callback: MosaicPruning) -> torch.nn.Module | None:
         """The model to export, compacted (under DeepSpeed consolidated on rank 0; None on the other ranks)."""
@@ -267,6 +313,7 @@ def main(args: list[str] | None = None) -> None:
     ``--config`` taking a shipped recipe or config by name, and ``recipes`` listing them. An error ends in one
     line, ``error: <message>``, and exit status 1 (``MOSAIC_TRACEBACK=1`` shows the traceback)."""
     argv = sys.argv[1:] if args is None else list(args)
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # args: argv, resolved
     with reported_errors():
         if argv[:1] == ["recipes"]:
             print(listing())

@@ -23,6 +23,8 @@ LAYERS = {
     "export": 6,
     "streaming": 7,
     "trainer_access": 8,
+    "shipped": 8,  # the packaged recipes and configs, by name
+    "console": 8,  # what the command prints: summary table, quiet dependencies, one-line errors
     "lit": 9,
     "schedules": 10,
     "callbacks": 11,

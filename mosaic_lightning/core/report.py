@@ -99,7 +99,7 @@ class PruningReport:
         os.replace(partial, path)
 
     def format_table(self) -> str:
-        """Layers x projections table of achieved sparsity (percent), then a summary."""
+        """Layers x projections table of achieved sparsity (percent), then one line of totals."""
         names = list(dict.fromkeys(p.name for p in self.projections))
         by_key = {(p.layer, p.name): p for p in self.projections}
         layers = sorted({p.layer for p in self.projections})
@@ -109,7 +109,9 @@ class PruningReport:
             lines.append(
                 f"{layer:>5} " + " ".join(f"{100 * c.achieved_sparsity:6.2f}" if c else f"{'-':>6}" for c in cells)
             )
-        lines.append(self.summary())
+        lines.append(f"{_label(self.config.get('method'))}, {_label(self.config.get('allocation'))} allocation, "
+                     f"{self.config.get('pattern')}: {100 * self.achieved_sparsity:.3f}% of {self.params_targeted:,} "
+                     f"targeted weights pruned (requested {100 * self.config.get('sparsity', 0):.2f}%)")
         return "\n".join(lines)
 
     def summary(self) -> str:

@@ -70,23 +70,6 @@ class MosaicCLI(LightningCLI):
                 init_args.config = str(packaged)
         quiet_dependencies(one_shot=one_shot, deepspeed="deepspeed" in str(strategy).lower())
 
-    def before_instantiate_classes(self) -> None:
-        """One-shot runs (``trainer.max_steps`` 0) skip Lightning's model summary (nothing trains) and its "max_steps
-        reached" notice; a DeepSpeed config file given as ``configs/...`` is found in the package from any
-        directory; runs without DeepSpeed drop its accelerator notice."""
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        trainer = config.trainer
-        one_shot = trainer.get("max_steps") == 0
-        if one_shot and trainer.get("enable_model_summary") is None:
-            trainer.enable_model_summary = False
-        strategy = trainer.get("strategy")
-        init_args = strategy.get("init_args") if hasattr(strategy, "get") else None
-        if init_args is not None and isinstance(init_args.get("config"), str):
-            packaged = packaged_path(init_args.config)
-            if packaged is not None:
-                init_args.config = str(packaged)
-        quiet_dependencies(one_shot=one_shot, deepspeed="deepspeed" in str(strategy).lower())
-
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(MosaicPruning, "pruning")
         parser.add_argument("--export_dir", type=str | None, default=None, help="where to save the pruned HF model")

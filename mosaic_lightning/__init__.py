@@ -8,7 +8,14 @@ Lightning module and the data module do, when they are asked for.
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _installed_version
 from typing import TYPE_CHECKING, Any
+
+try:
+    __version__ = _installed_version("mosaic-lightning")
+except PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
 
 _EXPORTS = {
     "ArchitectureSpec": "core.adapters",

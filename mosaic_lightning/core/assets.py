@@ -135,6 +135,10 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "~", "/")) or len(parts) > 2 or (len(parts) == 2 and pathlib.Path(parts[0]).is_dir())
 
 
+# Weight formats read with pickle (torch.load): refused, never loaded.
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin.index.json")
+
+
 def _check_model_dir(path: pathlib.Path, name: str, field: str) -> None:
     from safetensors import SafetensorError, safe_open
 
@@ -142,6 +146,15 @@ def _check_model_dir(path: pathlib.Path, name: str, field: str) -> None:
         raise FileNotFoundError(f"{field}={name!r} is a directory without config.json; expected {_EXPECTED_SOURCE}")
     index = path / "model.safetensors.index.json"
     shards = sorted(path.glob("*.safetensors"))
+    if not shards and not index.is_file():
+        pickles = sorted(p.name for p in path.iterdir() if p.is_file() and p.name.endswith(_PICKLE_SUFFIXES))
+        if pickles:
+            raise ValueError(
+                f"{field}={name!r} holds its weights only in pickle files ({', '.join(pickles[:3])}), a format this "
+                "tool refuses to load: unpickling can run code. Convert the model to safetensors where you trust "
+                "the file: load it with transformers (AutoModelForCausalLM.from_pretrained(<dir>)) and save it "
+                "with save_pretrained(<new dir>, safe_serialization=True), then give that directory"
+            )
     if index.is_file():
         listed = {path / f for f in json.loads(index.read_text()).get("weight_map", {}).values()}
         absent = sorted(str(f.name) for f in listed if not f.is_file())

@@ -170,6 +170,12 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn
     from .compressed import decompress_state, sparsity_config
 
     path = pathlib.Path(path)
+    if not path.is_dir():  # else transformers takes the path for a hub repo id and says that is malformed
+        if path.exists():
+            raise NotADirectoryError(f"load_pruned: {str(path)!r} is a file; give the directory save_pruned (or the "
+                                     "command's --export_dir) wrote")  # fmt: skip
+        raise FileNotFoundError(f"load_pruned: {str(path)!r}: no such directory ({path.absolute()}); give the "
+                                "directory save_pruned (or the command's --export_dir) wrote")  # fmt: skip
     if (path / _OLD_COMPRESSED_FILE).exists():
         raise ValueError(f"{path} holds {_OLD_COMPRESSED_FILE}, the compressed format mosaic-lightning wrote before "
                          "compressed-tensors; it is no longer read: load it with load_pruned at commit fb783c7 and "

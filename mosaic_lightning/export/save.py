@@ -20,19 +20,26 @@ from .model_card import model_card
 
 def check_export_dir(export_dir: str | os.PathLike, field: str = "export_dir") -> pathlib.Path:
     """Fail early (before any weight changes) when the target exists and is not an empty directory, or cannot be
-    created where it is (under a file, a dangling link, a read-only parent); the error names the argument ``field``."""
+    created where it is (under a file, a dangling link, a read-only parent); the error names the argument ``field``.
+
+    Returns the directory to write: ``export_dir``, or for a link to an empty directory the directory it points
+    to (the export is written into it, beside it while in progress: on the target's own file system)."""
     path = pathlib.Path(export_dir)
-    if path.is_symlink() and not path.exists():
-        raise FileExistsError(f"{field}={str(path)!r} is a link to nothing; choose a new directory")
+    name = repr(str(path))
+    if path.is_symlink():
+        if not path.exists():
+            raise FileExistsError(f"{field}={name} is a link to nothing; choose a new directory")
+        path = path.resolve()
+        name = f"{name} (a link to {str(path)!r})"
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"{field}={str(path)!r} already exists and is not empty; choose a new directory")
+        raise FileExistsError(f"{field}={name} already exists and is not empty; choose a new directory")
     ancestor = path.absolute().parent
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise NotADirectoryError(f"{field}={str(path)!r} lies under {str(ancestor)!r}, which is a file")
+        raise NotADirectoryError(f"{field}={name} lies under {str(ancestor)!r}, which is a file")
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise PermissionError(f"{field}={str(path)!r}: cannot create it, {str(ancestor)!r} is not writable")
+        raise PermissionError(f"{field}={name}: cannot create it, {str(ancestor)!r} is not writable")
     return path
 
 

@@ -155,7 +155,7 @@ def prune_streamed(
     same source, dtype, pruning config, device and calibration/evaluation tokens (checked). The other export
     files are :func:`~mosaic_lightning.export.save.save_pruned`'s, ``extra_files`` (e.g. the resolved recipe)
     included."""
-    check_export_dir(export_dir)
+    export_dir = check_export_dir(export_dir)  # a link to an empty directory: that directory
     check_streamable(config)
     source = SafetensorsSource(source_dir)
     model = meta_skeleton(source_dir, dtype)

@@ -65,8 +65,9 @@ def final_model(
         return model
     if live:
         pruning.masks.enforce_(model)
-        pruning.compacted = True
     _compact_and_record(model, pruning.structure, pruning.report, probe)
+    if live:
+        pruning.mark_compacted(sum(p.numel() for p in model.parameters()))
     return model
 
 

@@ -113,12 +113,39 @@ class MosaicPruning(L.Callback):
         self.calibration_dataloader = calibration_dataloader
         self.device = check_device(device)
         self.verbose = verbose
-        self.masks: MaskStore | None = None
-        self.report: PruningReport | None = None
-        self.structure: dict[str, list[int]] = {}  # removed units by group key, for compaction
-        self.compacted = False
+        self._outcome: PruningOutcome | None = None
         self._hooks: list = []
         self._ds_step = -1  # DeepSpeed engine step whose result masks were last applied to
+
+    # -- the pruning outcome, read-only: only this callback replaces it ------------------------------------
+    @property
+    def outcome(self) -> PruningOutcome | None:
+        """The current pruning (masks, report, removed units, whether they are compacted away); None before."""
+        return self._outcome
+
+    @property
+    def masks(self) -> MaskStore | None:
+        return None if self._outcome is None else self._outcome.masks
+
+    @property
+    def report(self) -> PruningReport | None:
+        return None if self._outcome is None else self._outcome.report
+
+    @property
+    def structure(self) -> dict[str, list[int]]:
+        """Removed units by group key (``"3.mlp"``), for compaction."""
+        return {} if self._outcome is None else self._outcome.structure
+
+    @property
+    def compacted(self) -> bool:
+        return self._outcome is not None and self._outcome.compacted
+
+    def mark_compacted(self, params_after: int, masks: MaskStore | None = None) -> None:
+        """Record that the removed units are gone from the live model (``masks``: what is left to hold there)."""
+        masks = self._outcome.masks if masks is None else masks
+        self._outcome = dataclasses.replace(self._outcome, compacted=True, masks=masks)
+        if self.report is not None:
+            self.report.metrics["params_after_compaction"] = params_after
 
     # -- loop events ------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -154,10 +181,7 @@ class MosaicPruning(L.Callback):
     def _compact(self, model: nn.Module) -> None:
         """Remove the pruned units from ``model``: whole units only, so no mask is left to hold."""
         compact_model(model, self.structure)
-        self.masks = MaskStore()
-        self.compacted = True
-        if self.report is not None:
-            self.report.metrics["params_after_compaction"] = sum(p.numel() for p in model.parameters())
+        self.mark_compacted(sum(p.numel() for p in model.parameters()), MaskStore())
 
     def _compact_like(self, pl_module: L.LightningModule, checkpoint: dict) -> None:
         state = checkpoint.get("callbacks", {}).get(self.state_key, {})
@@ -235,7 +259,7 @@ class MosaicPruning(L.Callback):
     def adopt(self, trainer: L.Trainer, model: nn.Module, outcome: PruningOutcome) -> None:
         """Take masks, report and structure as the current pruning (from ``prune`` or a schedule's own solver,
         e.g. ADMM), so every source clears moments, logs and reports the same way."""
-        self.masks, self.report, self.structure = outcome.masks, outcome.report, outcome.structure
+        self._outcome = outcome
         self.masks.adopt_(model, trainer.optimizers)  # DeepSpeed: the pruned weights into its fp32 masters too
         for logger in trainer.loggers:
             logger.log_metrics({"pruning/achieved_sparsity": self.report.achieved_sparsity}, step=trainer.global_step)
@@ -268,13 +292,15 @@ class MosaicPruning(L.Callback):
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if state_dict.get("masks") is not None:
-            self.masks = MaskStore()
-            self.masks.load_state_dict(state_dict["masks"])
-        self.structure = state_dict.get("structure", {})
         self.schedule.load_state_dict(state_dict.get("schedule", {}))
-        if state_dict.get("report") is not None:  # a resumed run reports and exports what the pruning run measured
-            self.report = _report_from_state(state_dict["report"])
+        if state_dict.get("masks") is None:
+            return
+        masks = MaskStore()
+        masks.load_state_dict(state_dict["masks"])
+        report = state_dict.get("report")  # a resumed run reports and exports what the pruning run measured
+        report = None if report is None else _report_from_state(report)
+        # whether the live model is compacted is this process's fact (set by setup), not the checkpoint's
+        self._outcome = PruningOutcome(masks, report, state_dict.get("structure", {}), self.compacted)
 
 
 def _check_compact_before_training(config: PruningConfig, schedule: Schedule) -> None:

@@ -63,13 +63,16 @@ class _Pending:
     removed: dict[str, list[int]] = field(default_factory=dict)  # unit group key -> removed unit indices
 
 
-@dataclass
+@dataclass(frozen=True)
 class PruningOutcome:
-    """Masks by parameter, the report, and the removed units by group key (``"3.mlp"``, ``"3.heads"``)."""
+    """One pruning's result, passed on and never edited: masks by parameter, the report (which goes on collecting
+    the run's metrics), the removed units by group key (``"3.mlp"``, ``"3.heads"``), and whether those units are
+    already compacted away in the live model (a new outcome says so: ``dataclasses.replace``)."""
 
     masks: MaskStore
-    report: PruningReport
+    report: PruningReport | None
     structure: dict[str, list[int]] = field(default_factory=dict)
+    compacted: bool = False
 
 
 @dataclass

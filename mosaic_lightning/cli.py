@@ -147,7 +147,7 @@ class MosaicCLI(LightningCLI):
         source = local_model_dir(self.model.hparams.pretrained)
         batches = self.datamodule.calibration_batches(callback.num_calibration_samples)
         eval_batches = [b["input_ids"] for b in self.datamodule.val_dataloader()] if config.evaluate else None
-        callback.report = prune_streamed(
+        self._streamed_report = prune_streamed(
             source, DTYPES[self.model.hparams.dtype], callback.config, batches, config.export_dir, eval_batches,
             self.datamodule.tokenizer, callback.device, progress=callback.verbose, extra_files=self._recipe_file(),
         )  # fmt: skip
@@ -155,7 +155,7 @@ class MosaicCLI(LightningCLI):
     def after_fit(self) -> None:
         config = self.config[self.subcommand]
         if config.stream:  # exported by the streamed job itself
-            report = self._pruning_callback().report
+            report = self._streamed_report
             self._log_and_summarise(report, report.metrics)
             report.metrics["weights_bytes_export"] = weight_bytes(config.export_dir)
             report.save_json(Path(config.export_dir) / "pruning_report.json")  # now with the run's total

@@ -213,8 +213,25 @@ def spread(results: list[dict]) -> list[dict]:
     return out
 
 
+def spread_table(paths: list[str]) -> str:
+    """Markdown: one line per cell of the given JSON files, perplexity mean [min, max] over the draws, wall seconds
+    per draw (prune + held-out perplexity), and each file's campaign CPU and wall time."""
+    lines = ["| method | allocation | sparsity | draws | ppl mean | min | max | wall s per draw |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
+    notes = []
+    for path in paths:
+        data = json.loads(pathlib.Path(path).read_text())
+        for c in data["cells"]:
+            walls = " / ".join(f"{w:.0f}" for w in c["wall_s"])
+            lines.append(f"| {c['method']} | {c['allocation']} | {c['sparsity']:.0%} | {c['draws']} | "
+                         f"{c['ppl_mean']:.2f} | {c['ppl_min']:.2f} | {c['ppl_max']:.2f} | {walls} |")  # fmt: skip
+        notes.append(f"{path}: campaign {data['cpu_s']:.0f} s CPU, {data['wall_s']:.0f} s wall")
+    return "\n".join(lines + [""] + notes)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--table", nargs="*", default=None, help="print the spread table of these JSON files; no run")
     parser.add_argument("--calibration-samples", type=int, default=32)
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -235,6 +252,9 @@ def main() -> None:
     parser.add_argument("--task-limit", type=int, default=500, help="items per task (lm-eval's limit)")
     parser.add_argument("--out", default="bench/out/quality.json")
     args = parser.parse_args()
+    if args.table:
+        print(spread_table(args.table))
+        return
 
     if args.draws < 1:
         parser.error(f"--draws={args.draws}; must be >= 1")

@@ -33,12 +33,19 @@ from .shipped import listing, packaged_path, resolve_config_args
 from .streaming.job import check_streamable, prune_streamed
 from .trainer_access import causal_lm, find_callback
 
+HELP_EPILOG = (
+    "--config also takes a shipped recipe or config by name (e.g. --config mosaic-50 --config gpu); "
+    "'mosaic-lightning recipes' lists them. Errors end in one line; MOSAIC_TRACEBACK=1 shows the traceback."
+)
+
 
 class MosaicCLI(LightningCLI):
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("model_class", CausalLM)
         kwargs.setdefault("datamodule_class", TextDataModule)
-        kwargs.setdefault("parser_kwargs", {"parser_mode": "yaml"})  # yaml.safe_load underneath
+        # yaml.safe_load underneath; the help says what --config takes besides a path
+        epilog = {"epilog": HELP_EPILOG}
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "yaml", **epilog, "fit": epilog})
         # The resolved config goes into the export as recipe.yaml instead of the working directory, where a
         # second run would refuse to start (or overwrite the first run's file).
         kwargs.setdefault("save_config_callback", None)

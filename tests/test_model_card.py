@@ -16,6 +16,7 @@ from conftest import LLAMA_PROJECTIONS
 from safetensors.torch import load_file
 
 from mosaic_lightning import PruningConfig, prune_model, save_pruned
+from mosaic_lightning.export.model_card import model_card
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,6 +63,19 @@ def test_card_lists_recipe_per_type_sparsity_and_figures(llama, calib_batches, t
     figures = _table_rows(card, "## Evaluation")
     assert figures["perplexity"] == ["18.5000", "36.2500"]
     assert figures["social_iqa_local acc (500 items)"] == ["0.3560 ± 0.0214", "0.3400 ± 0.0212"]
+
+
+@pytest.mark.parametrize(("structured", "says", "omits"), [(0.0, "zeros kept in place", "physically smaller"),
+                                                            (1.0, "physically smaller", "zeros kept in place")])
+def test_card_says_what_the_sparsity_buys(llama, calib_batches, structured, says, omits):
+    """Zeros in place buy no speed in standard runtimes; removed units do: the card says which this export has,
+    with the weight counts the report holds."""
+    config = PruningConfig(0.3, "wanda", "uniform", structured_fraction=structured, whole_units=structured == 1.0)
+    report = prune_model(llama, calib_batches, config, progress=False).report
+    section = model_card(report).split("## What the sparsity buys\n\n", 1)[1].split("\n## ", 1)[0]
+    assert says in section and omits not in section
+    count = report.structured_params_removed if structured else report.params_pruned
+    assert f"{count:,} weights" in section
 
 
 @pytest.mark.parametrize(("source", "expected"), [("bundled:smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct"),

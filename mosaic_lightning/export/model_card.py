@@ -43,13 +43,32 @@ def model_card(report: PruningReport, base_model: str | None = None) -> str:
         f"({report.structured_params_removed:,} of them as whole channels/heads). Load it with "
         "`AutoModelForCausalLM.from_pretrained(folder)`; exports with compressed storage or per-layer shapes "
         "load with `mosaic_lightning.load_pruned(folder)`.",
+        _what_the_zeros_buy(report),
         "## Recipe\n\n```yaml\n" + yaml.safe_dump(report.config, sort_keys=False) + "```",
         "## Sparsity per projection type\n\n" + _sparsity_table(report),
     ]
+    sections = [s for s in sections if s]
     evaluation = _evaluation_table(report)
     if evaluation:
         sections.append("## Evaluation (before / after pruning)\n\n" + evaluation)
     return "\n\n".join(sections) + "\n"
+
+
+def _what_the_zeros_buy(report: PruningReport) -> str:
+    """Say plainly what the export's sparsity buys: removed units make a smaller dense model that any runtime
+    runs faster; zeros left in place (unstructured, N:M) give no speed or size in today's standard runtimes."""
+    removed = report.structured_params_removed
+    zeros = report.params_pruned - removed
+    text = []
+    if removed:
+        text.append(f"{removed:,} weights went as whole MLP channels and attention heads: the compacted model is "
+                    "physically smaller, and runs faster in any runtime as it is.")  # fmt: skip
+    if zeros:
+        text.append(f"{zeros:,} weights are zeros kept in place (unstructured or N:M). Standard runtimes no longer "
+                    "run such zeros faster or store them smaller (vLLM removed its 2:4 sparse kernels and "
+                    "compressed-tensors its sparse compression in 2026); the compressed export saves storage and "
+                    "loads with `mosaic_lightning.load_pruned`.")  # fmt: skip
+    return "## What the sparsity buys\n\n" + " ".join(text) if text else ""
 
 
 def _sparsity_table(report: PruningReport) -> str:

@@ -68,9 +68,17 @@ def prepare(kinds: list[str]) -> None:
 
 
 def _path(kind: str) -> str:
+    """A kind's model directory; a kind that is itself a directory (an export of another bench) is that one."""
     from mosaic_lightning.core.assets import ensure_bundled_fp32
 
-    return str(ensure_bundled_fp32()) if kind == "dense" else str(MODELS / kind)
+    if kind == "dense":
+        return str(ensure_bundled_fp32())
+    return kind if pathlib.Path(kind).is_dir() else str(MODELS / kind)
+
+
+def _per_layer_sizes(path: str) -> bool:
+    config = pathlib.Path(path, "config.json")
+    return config.is_file() and "mosaic_layer_shapes" in json.loads(config.read_text())
 
 
 @torch.no_grad()
@@ -79,7 +87,7 @@ def measure(kind: str, prompt_len: int, new_tokens: int) -> dict:
 
     from mosaic_lightning import load_pruned
 
-    if kind.startswith("structprune"):  # per-layer sizes: our loader (it holds the weights twice while loading)
+    if _per_layer_sizes(_path(kind)):  # per-layer sizes: our loader
         model = load_pruned(_path(kind), dtype=torch.float32)
     else:
         model = AutoModelForCausalLM.from_pretrained(_path(kind), dtype=torch.float32).eval()

@@ -88,3 +88,24 @@ def test_recover_recipe_fine_tunes_for_max_steps_and_keeps_the_sparsity(tmp_path
     model = AutoModelForCausalLM.from_pretrained(export)
     zeros = sum(int((p == 0).sum()) for n, p in model.named_parameters() if n.endswith("_proj.weight"))
     assert zeros == report["params_pruned"]  # three fine-tuning steps regrew nothing
+
+
+def test_shrink_recipe_removes_structure_recovers_and_exports_a_plain_smaller_model(tmp_path, tiny_model_dir):
+    """recipes/shrink-30 with the acceptance overrides: at least 30% of the projection weights physically gone
+    (counted here from the shapes), distillation for --trainer.max_steps, the three perplexities in the report,
+    and an export that plain from_pretrained loads."""
+    result, export = _fit_recipe(tmp_path, tiny_model_dir, "shrink-30", "--trainer.max_steps", "2",
+                                 "--data.batch_size", "2")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((export / "pruning_report.json").read_text())
+    assert {"ppl_dense", "ppl_compacted", "ppl_pruned"} <= set(report)
+    assert report["ppl_compacted"] != report["ppl_pruned"]  # training changed the compacted model
+    dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(export)
+
+    def projections(m) -> int:
+        return sum(p.numel() for n, p in m.named_parameters() if n.endswith("_proj.weight"))
+
+    assert projections(model) <= 0.7 * projections(dense)
+    assert model.num_parameters() == report["params_after_compaction"] == report["params_planned"]
+    assert all((p != 0).all() for n, p in model.named_parameters() if n.endswith("_proj.weight"))

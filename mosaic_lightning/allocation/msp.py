@@ -101,14 +101,14 @@ class MSP(Allocation):
         config = context.config
         if config is None:
             raise ValueError("MSP needs the pruning config (method and pattern) in its AllocationContext")
-        if config.build_pattern().fixed_sparsity is not None:
+        if config.parsed_pattern.fixed_sparsity is not None:
             raise ValueError(
                 f"allocation msp searches per-layer sparsities; pattern={config.pattern!r} fixes them: use an "
                 "unstructured pattern, or 'mixed:M' for N:M with N chosen per layer"
             )
         layers = sorted({p.layer for p in context.projections})
         sizes = [sum(p.numel for p in context.projections if p.layer == layer) for layer in layers]
-        _check_mixed_grid(config.build_pattern(), sizes, target)
+        _check_mixed_grid(config.parsed_pattern, sizes, target)
         fisher = fisher_trace(context, layers, self.fisher_batches, self.fisher_sequences)
         search = _Search(self, context, layers, sizes, target)
         best, details = search.run(fisher)
@@ -198,7 +198,7 @@ class _Search:
         self.sizes = torch.tensor(sizes, dtype=torch.float64)
         config = context.config
         self.low, self.high = config.min_sparsity, config.max_sparsity
-        pattern = config.build_pattern()
+        pattern = config.parsed_pattern
         self.m = pattern.m if isinstance(pattern, MixedNM) else None  # mixed N:M: sparsities in steps of 1/m
         if self.m is not None:
             self.low = max(math.ceil(self.low * self.m - 1e-9), 1) / self.m
@@ -292,7 +292,7 @@ class _Search:
         config, projections = self.context.config, self.context.projections
         sizes = {p.key: p.numel for p in projections}
         wanted = {p.key: float(individual[self.layers.index(p.layer)]) for p in projections}
-        pattern = config.build_pattern()
+        pattern = config.parsed_pattern
         quanta = count_quanta(pattern, projections)
         counts = exact_counts(sizes, wanted, self.target, self.low, self.high, quanta=quanta)
 

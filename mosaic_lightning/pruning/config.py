@@ -105,7 +105,7 @@ class PruningConfig:
                 f"sparsity={self.sparsity} lies outside min_sparsity={self.min_sparsity}..max_sparsity="
                 f"{self.max_sparsity}, which bound every projection"
             )
-        pattern = self.build_pattern()
+        self._parsed_pattern = pattern = parse_pattern(self.pattern)
         fixed = pattern.fixed_sparsity
         if fixed is not None:
             if abs(self.sparsity - fixed) > 1e-9:
@@ -171,8 +171,10 @@ class PruningConfig:
             return 0.0, 1.0
         return self.min_sparsity, self.max_sparsity
 
-    def build_pattern(self) -> Pattern:
-        return parse_pattern(self.pattern)
+    @property
+    def parsed_pattern(self) -> Pattern:
+        """``pattern`` as parsed once, when the config was checked."""
+        return self._parsed_pattern
 
     def to_dict(self) -> dict:
         """Plain values; method and allocation as ``{"class_path", "init_args"}`` (checkpoints, reports)."""

@@ -112,7 +112,7 @@ def prune_model(
     adapter = adapter or ModelAdapter(model, targets=config.targets, exclude=config.exclude)
     config = with_size_target(model, adapter, config)
     residency = residency or BlockResidency(adapter)
-    pattern = config.build_pattern()
+    pattern = config.parsed_pattern
     projections = adapter.all_projections()
     for proj in projections:
         pattern.check_shape(proj.in_features, adapter.module_name(proj))
@@ -229,7 +229,7 @@ def plan_pruning(
             f"structured_fraction={config.structured_fraction}: whole units alone remove more than "
             f"sparsity={config.sparsity}; lower structured_fraction"
         )
-    quanta = count_quanta(config.build_pattern(), projections)
+    quanta = count_quanta(config.parsed_pattern, projections)
     unstructured = exact_counts(remaining, budget.sparsity, config.sparsity, *config.bounds(), single, quanta)
     if config.whole_units:
         unstructured = dict.fromkeys(sizes, 0)
@@ -334,7 +334,7 @@ def _sequential_prune(
         model, adapter, batches, config.sequential, lambda layer: _pending_values(adapter, layer, pruned.pending),
         residency, start.layer, start.hidden,
     )  # fmt: skip
-    pattern = config.build_pattern()
+    pattern = config.parsed_pattern
     layers = range(start.layer, adapter.num_layers)
     for layer in tqdm(layers, desc="pruning blocks", disable=not progress, initial=start.layer,
                       total=adapter.num_layers):  # fmt: skip

@@ -49,7 +49,7 @@ from ..allocation import Uniform
 from ..core.adapters import ModelAdapter, Projection
 from ..core.report import PruningReport
 from ..core.validation import check_int, check_positive
-from ..core.zero import deepspeed_engine
+from ..core.zero import deepspeed_engine, full_fp32
 from ..methods import Magnitude
 from ..pruning.config import PruningConfig
 from ..pruning.engine import PruningOutcome, commit_masks, plan_pruning, projection_report
@@ -203,7 +203,7 @@ class ADMM(Schedule):
 
     def _check_projections(self, adapter: ModelAdapter, config: PruningConfig) -> None:
         """Every target takes the pattern and is trained; a resumed state covers exactly these targets."""
-        pattern = config.build_pattern()
+        pattern = config.parsed_pattern
         for proj in adapter.all_projections():
             pattern.check_shape(proj.in_features, adapter.module_name(proj))
             if not proj.weight.requires_grad:
@@ -243,7 +243,7 @@ class ADMM(Schedule):
             self.last_projection_step = step
             clock = time.perf_counter()
             adapter = self._adapter_for(model, callback.config)
-            self.solver.z_u_step(adapter, callback.config.build_pattern(), self._moment_of())
+            self.solver.z_u_step(adapter, callback.config.parsed_pattern, self._moment_of())
             self._update_rho(step)
             self.seconds += time.perf_counter() - clock
         if self._end is not None and step >= self._end:
@@ -291,7 +291,7 @@ class ADMM(Schedule):
     def _start(self, callback: PruningHost, trainer: L.Trainer, model: nn.Module) -> None:
         """``Z = Proj(W)``, ``U = 0``, with the exact counts fixed for the whole run."""
         config = callback.config
-        adapter, pattern = self._adapter_for(model, config), config.build_pattern()
+        adapter, pattern = self._adapter_for(model, config), config.parsed_pattern
         self._plan(callback, trainer, model, adapter)
         self.started_at = self.last_projection_step = trainer.global_step
         self.solver.start(adapter, pattern, self._rho_at(trainer.global_step))
@@ -333,10 +333,14 @@ class ADMM(Schedule):
         and hand masks and report to the callback."""
         clock = time.perf_counter()
         config, adapter = callback.config, self._adapter_for(model, callback.config)
-        pattern, self._optimizers = config.build_pattern(), list(trainer.optimizers)
+        pattern, self._optimizers = config.parsed_pattern, list(trainer.optimizers)
         if self.started_at is None:  # the run ended before start_step: plain magnitude pruning
             rank_zero_warn(f"ADMM never started (run ended before start_step={self.start_step}); magnitude-pruning")
             self._plan(callback, trainer, model, adapter)
+        for proj in adapter.all_projections():  # a diverged run would be "pruned" with NaN scores: say so instead
+            if not bool(torch.isfinite(full_fp32(proj.weight)).all()):
+                raise ValueError(f"ADMM hard prune: {adapter.module_name(proj)} holds NaN or inf after training (the "
+                                 "run diverged; float16 weights under Adam often do): train in bfloat16 or float32")
         keeps = self.solver.supports(adapter, pattern, self._moment_of() if self.started_at is not None else None)
         metrics = self.solver.diagnostics(adapter, keeps)
         masks = commit_masks(adapter, keeps)

@@ -177,3 +177,16 @@ def test_resume_mid_recovery_equals_an_uninterrupted_run(tmp_path):
     expected = whole.model.state_dict()
     for name, value in resumed.model.state_dict().items():
         torch.testing.assert_close(value, expected[name], msg=name)
+
+
+def test_compact_before_training_is_refused_under_deepspeed_before_any_work():
+    pytest.importorskip("deepspeed")
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    module = TinyLM(make_llama)
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    trainer = L.Trainer(accelerator="cpu", strategy=DeepSpeedStrategy(stage=3), devices=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"compact_before_training=True is not supported with strategy=DeepSpeed"):
+        _shrinking().setup(trainer, module, "fit")
+    assert all(torch.equal(before[k], v) for k, v in module.model.state_dict().items())

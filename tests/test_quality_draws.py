@@ -1,0 +1,57 @@
+"""The quality bench's calibration draws: seeded, different per seed, seed 0 the draw of every earlier table, the
+held-out windows the same for every seed; cells aggregate the draws (mean, min, max, wall time per draw)."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import pytest
+import torch
+
+from mosaic_lightning.allocation import OWL, Mosaic
+from mosaic_lightning.core.assets import BUNDLED_MODEL, load_tokenizer
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "quality.py"
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("bench_quality", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_calibration_draws_differ_by_seed_and_held_out_windows_do_not(quality):
+    tokenizer = load_tokenizer(BUNDLED_MODEL)
+    draws = [quality.calibration_and_heldout(tokenizer, 8, 4, 128, seed) for seed in range(2)]
+    calibration = [torch.cat(c) for c, _ in draws]
+    for c in calibration:
+        assert c.shape == (8, 128)
+    assert not torch.equal(calibration[0], calibration[1])
+    assert torch.equal(torch.cat(quality.calibration_and_heldout(tokenizer, 8, 4, 128)[0]), calibration[0])
+    assert torch.equal(torch.cat(draws[0][0]), calibration[0])  # seeded: the same seed, the same windows
+    for _, heldout in draws[1:]:
+        assert torch.equal(torch.cat(heldout), torch.cat(draws[0][1]))
+
+
+def test_cells_aggregate_the_draws(quality):
+    def row(variant, seed, ppl):
+        return {"method": "wanda", "variant": variant, "sparsity": 0.7, "pattern": "unstructured", "seed": seed,
+                "ppl": ppl, "prune_s": 10.0 + seed, "wall_s": 20.0 + seed}  # fmt: skip
+
+    results = [{"method": "dense", "ppl": 18.5}, row("owl", 0, 500.0), row("mosaic-M5-published", 0, 700.0),
+               row("owl", 1, 540.0), row("mosaic-M5-published", 1, 650.0), row("owl", 2, 520.0)]  # fmt: skip
+    cells = {c["allocation"]: c for c in quality.spread(results)}
+    assert cells.keys() == {"owl", "mosaic-M5-published"}
+    assert cells["owl"]["ppl_mean"] == pytest.approx(520.0) and cells["owl"]["draws"] == 3
+    assert (cells["owl"]["ppl_min"], cells["owl"]["ppl_max"], cells["owl"]["seeds"]) == (500.0, 540.0, [0, 1, 2])
+    assert cells["owl"]["wall_s"] == [20.0, 21.0, 22.0]
+    assert cells["mosaic-M5-published"]["ppl_mean"] == pytest.approx(675.0)
+
+
+def test_variant_labels(quality):
+    assert quality.variant(Mosaic()) == "mosaic-M5-published"
+    assert quality.variant(Mosaic(threshold=3, offset="centred")) == "mosaic-M3-centred"
+    assert quality.variant(OWL()) == "owl"

@@ -122,17 +122,21 @@ def minmax_spread(values: torch.Tensor, lam: float) -> torch.Tensor:
 
 def outlier_ratios(scores: dict[str, torch.Tensor], groups: dict[str, list[str]], threshold: float) -> dict[str, float]:
     """Per group: fraction of scores above ``threshold *`` the group's mean score (``groups``: key -> its groups)."""
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}  # tensors until the end: one host sync for the whole call
     counts: dict[str, int] = {}
     for key, s in scores.items():
         for g in groups[key]:
-            sums[g] = sums.get(g, 0.0) + float(s.double().sum())
+            sums[g] = sums[g] + s.double().sum() if g in sums else s.double().sum()
             counts[g] = counts.get(g, 0) + s.numel()
-    above: dict[str, int] = dict.fromkeys(sums, 0)
+    above: dict[str, torch.Tensor] = {}
     for key, s in scores.items():
         for g in groups[key]:
-            above[g] += int((s > threshold * sums[g] / counts[g]).sum())
-    return {g: above[g] / counts[g] for g in sums}
+            n = (s > (threshold * sums[g] / counts[g]).to(s.dtype)).sum()
+            above[g] = above[g] + n if g in above else n
+    if not sums:
+        return {}
+    values = torch.stack([above[g].to(torch.float64) for g in sums]).tolist()
+    return {g: v / counts[g] for g, v in zip(sums, values, strict=True)}
 
 
 def count_quanta(pattern, projections: Sequence[Projection]) -> dict[str, int]:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..core.zero import full_shape, gathered_params, is_partitioned
-from .stats import InputStatistics, NonFiniteActivationError
+from .stats import InputStatistics, NonFiniteActivationError, check_finite
 
 
 class StopForward(Exception):
@@ -64,9 +64,8 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: Itera
                 model(input_ids=input_ids.to(device), use_cache=False)
     if not captured.hidden:
         raise ValueError("calibration set is empty: calibration_batches/dataloader yielded no batch")
-    for h in captured.hidden:
-        if not torch.isfinite(h).all():
-            raise NonFiniteActivationError("embeddings of the calibration batches contain NaN or inf")
+    if not bool(torch.stack([torch.isfinite(h).all() for h in captured.hidden]).all()):  # one host sync
+        raise NonFiniteActivationError("embeddings of the calibration batches contain NaN or inf")
     captured.enter(0)
     return captured
 
@@ -150,6 +149,7 @@ def collect_statistics(
         for handle in handles:
             handle.remove()
         last.clear()
+    check_finite(stats.values())
     return stats, (outputs if keep_outputs else None)
 
 

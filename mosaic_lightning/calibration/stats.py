@@ -5,6 +5,7 @@ Kept as plain sums so that statistics from several batches, or several ranks, co
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -35,19 +36,15 @@ class InputStatistics:
 
     def update(self, x: torch.Tensor) -> None:
         self.add(self.contribution(x))
+        check_finite([self])
 
     def contribution(self, x: torch.Tensor) -> Contribution:
-        """What ``x`` adds to the sums; modules fed the same tensor (q/k/v, gate/up) share one computation."""
+        """What ``x`` adds to the sums; modules fed the same tensor (q/k/v, gate/up) share one computation.
+        Not checked for NaN/inf here (that would be a host sync per batch): whoever accumulates calls
+        :func:`check_finite` once the pass is over."""
         x = x.detach().reshape(-1, x.shape[-1])
         x64 = x.to(self.sq_sum.dtype, copy=True)  # always a new tensor (also for fp64 models): square it in place
         column_sq_sum = x64.mul_(x64).sum(dim=0)  # no second activation-sized fp64 buffer
-        # A NaN or inf anywhere in x makes its column's fp64 sum of squares NaN or inf (finite fp32/bf16 values
-        # cannot overflow it), so checking the in_features sums finds them without another pass over x.
-        if not torch.isfinite(column_sq_sum).all():
-            raise NonFiniteActivationError(
-                f"calibration activations entering {self.name} contain NaN or inf; no weight was changed. "
-                "Check the calibration data and the model dtype (fp16 overflow is a common cause)."
-            )
         xxt = None
         if self.xxt is not None:
             x32 = x.float()
@@ -89,6 +86,26 @@ class InputStatistics:
         if self.xxt is not None:
             dist.all_reduce(self.xxt)
         self.tokens = sum_over_ranks(self.tokens)
+
+
+def check_finite(entries: Iterable[InputStatistics]) -> None:
+    """Raise :class:`NonFiniteActivationError` naming the first module whose inputs held NaN or inf, with one host
+    sync for all ``entries`` (a pass's statistics, on one device).
+
+    A NaN or inf anywhere in an input makes its column's fp64 sum of squares NaN or inf (finite fp32/bf16/fp16
+    values cannot overflow it), and sums of non-negative terms cannot cancel, so the total of every ``sq_sum``
+    is finite exactly when every input was."""
+    entries = list(entries)
+    if not entries:
+        return
+    total = torch.stack([e.sq_sum.sum() for e in entries]).sum()
+    if bool(torch.isfinite(total)):
+        return
+    bad = next(e for e in entries if not bool(torch.isfinite(e.sq_sum).all()))
+    raise NonFiniteActivationError(
+        f"calibration activations entering {bad.name} contain NaN or inf; no weight was changed. "
+        "Check the calibration data and the model dtype (fp16 overflow is a common cause)."
+    )
 
 
 def sum_over_ranks(value: int) -> int:

@@ -46,7 +46,7 @@ from torch import nn
 
 from ..core.zero import is_partitioned
 from .capture import BlockInputs, StopForward, first_output, in_features, out_features, swapped_weights
-from .stats import InputStatistics
+from .stats import InputStatistics, check_finite
 
 
 class TrueSequentialRun:
@@ -108,6 +108,7 @@ class TrueSequentialRun:
                 f"true_sequential: the statistics of {self.names[id(target)]} were asked for while {first} "
                 "(run before it, fed another tensor) is not pruned yet; prune projections in execution order"
             )
+        check_finite(stage.entries.values())
         for key, entry in stage.entries.items():
             entry.all_reduce()  # under DDP every rank calibrates on its own share; all see the sum
             self.stats[key] = entry

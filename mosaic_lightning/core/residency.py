@@ -35,9 +35,11 @@ class BlockResidency:
             return
         block = self.adapter.blocks[layer]
         self._home[layer] = next(block.parameters()).device
-        block.to(self.device)
+        block.to(self.device, non_blocking=True)  # host -> device: ordered on the stream, the host need not wait
 
     def unload(self, layer: int) -> None:
+        # device -> host stays blocking: the host reads these weights next (commit, export), so it must wait for
+        # the copy anyway; this is the block loop's one intended synchronisation.
         if layer in self._home:
             self.adapter.blocks[layer].to(self._home.pop(layer))
 
@@ -49,7 +51,7 @@ class BlockResidency:
 
     def inputs_to_device(self, value):
         """``value`` (a tensor, or tuples/lists/dicts of them, as a block's arguments are) on the device."""
-        return value if self.device is None else move_tensors(value, lambda t: t.to(self.device))
+        return value if self.device is None else move_tensors(value, lambda t: t.to(self.device, non_blocking=True))
 
 
 def move_tensors(value, move: Callable[[torch.Tensor], torch.Tensor]):

@@ -155,7 +155,8 @@ def record_layer_shapes(config, shapes: list[dict[str, int]]) -> None:
 
 
 def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
-    """Load a model saved by :func:`mosaic_lightning.save_pruned`: per-layer shapes and compressed-tensors
+    """Load a model saved by :func:`mosaic_lightning.save_pruned` (in ``dtype``, by default the dtype it was
+    saved in, as ``from_pretrained`` does): per-layer shapes and compressed-tensors
     bitmask weights (decompressed here: transformers 5 does not), into a dense model whose config no longer
     claims compression, so saving it again writes a plain dense export.
 
@@ -185,7 +186,8 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn
     if compressed:
         del config.quantization_config
     shapes = getattr(config, SHAPES_KEY, None)
-    dtype = dtype or torch.float32
+    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)  # what save_pruned wrote
+    dtype = dtype or (getattr(torch, saved) if isinstance(saved, str) else saved) or torch.float32
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=dtype)
         if shapes is not None:

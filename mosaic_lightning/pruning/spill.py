@@ -34,12 +34,19 @@ class SpilledTensors(MutableMapping[str, torch.Tensor]):
         save_file({"tensor": value.detach().cpu().contiguous()}, str(path))
         self._paths[key], self._devices[key] = path, value.device
 
+    def move(self, key: str, device: torch.device) -> None:
+        """Read ``key`` back onto ``device`` from now on: the file is in host memory's terms, nothing is copied."""
+        self._devices[key] = torch.device(device)
+
     def __getitem__(self, key: str) -> torch.Tensor:
         return load_file(str(self._paths[key]), device=str(self._devices[key]))["tensor"]
 
     def __delitem__(self, key: str) -> None:
         self._paths.pop(key).unlink()
         del self._devices[key]
+
+    def __contains__(self, key: object) -> bool:  # Mapping's default would read the file
+        return key in self._paths
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._paths)

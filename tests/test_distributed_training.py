@@ -136,3 +136,14 @@ def test_ddp_and_deepspeed_admm_agree(tmp_path):
         assert agree / sum(k.numel() for k in reference.values()) > 0.999, strategy
         for name, value in runs["ddp"][0]["visible"].items():
             torch.testing.assert_close(visible[name], value, rtol=1e-4, atol=1e-4, msg=f"{strategy}: {name}")
+
+
+def test_ddp_trains_the_model_compacted_before_training(tmp_path):
+    """Pruned and compacted in setup on every rank from reduced statistics: the same structure and, after DDP
+    steps, the same smaller weights on both ranks, with only the compacted parameters in the optimizer."""
+    ranks = _run(tmp_path, "ddp", "shrink")
+    assert ranks[0]["structure"] == ranks[1]["structure"] != {}
+    _same_on_ranks(ranks, "visible")
+    for r in ranks:
+        assert r["optimizer_params"] == r["params"] == sum(v.numel() for v in r["visible"].values())
+        assert r["params"] < r["dense_params"]

@@ -9,6 +9,8 @@ on 2 CPU ranks (gloo) under DDP or DeepSpeed ZeRO-2/3.
   and the resumed run's starting weights. Rank 0's CompactOnFitEnd writes OUT/export, LoRARecovery OUT/adapter.
 * ``gradual``: MosaicPruning with a Gradual schedule re-pruned at steps 0, 1, 2 from each rank's recent batches.
 * ``admm``: MosaicPruning with the ADMM schedule (z/u steps every step, hard prune at step 3), 5 steps.
+* ``shrink``: MosaicPruning with ``compact_before_training`` (whole units, uniform), then 3 DDP training steps on
+  the compacted model: its weights, the structure and the optimizer's parameter count per rank.
 """
 
 from __future__ import annotations
@@ -145,6 +147,20 @@ def _run_schedule(strategy: str, trainer_kwargs: dict, schedule, allocation: str
     return result
 
 
+def run_shrink(out: Path, strategy: str, trainer_kwargs: dict) -> dict:
+    pruning = MosaicPruning(sparsity=0.3, method="wanda", allocation="uniform", structured_fraction=1.0,
+                            uniform_structure=True, whole_units=True, compact_before_training=True, verbose=False,
+                            calibration_dataloader=calibration())  # fmt: skip
+    module = TinyLM()
+    dense_params = module.model.num_parameters()
+    trainer = L.Trainer(callbacks=[pruning], **trainer_kwargs)
+    trainer.fit(module, _train_loader())
+    optimizer_params = sum(p.numel() for group in trainer.optimizers[0].param_groups for p in group["params"])
+    return {"rank": trainer.global_rank, "visible": _gathered_weights(module.model), "structure": pruning.structure,
+            "dense_params": dense_params, "params": module.model.num_parameters(),
+            "optimizer_params": optimizer_params}  # fmt: skip
+
+
 def _train_loader() -> DataLoader:
     data = torch.randint(0, 128, (16, 16), generator=torch.Generator().manual_seed(5))
     return DataLoader(data, batch_size=2)
@@ -153,9 +169,10 @@ def _train_loader() -> DataLoader:
 def main(out: Path, strategy: str, mode: str) -> None:
     torch.manual_seed(0)
     trainer_kwargs = dict(accelerator="cpu", devices=2, strategy=_strategy(strategy), logger=False,
-                          max_steps={"lora": 3, "gradual": 4, "admm": 5}[mode], enable_checkpointing=False,
+                          max_steps={"lora": 3, "gradual": 4, "admm": 5, "shrink": 3}[mode], enable_checkpointing=False,
                           enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-    result = {"lora": run_lora, "gradual": run_gradual, "admm": run_admm}[mode](out, strategy, trainer_kwargs)
+    runs = {"lora": run_lora, "gradual": run_gradual, "admm": run_admm, "shrink": run_shrink}
+    result = runs[mode](out, strategy, trainer_kwargs)
     torch.save(result, out / f"rank{result['rank']}.pt")
     # Leave together: a rank that exits while the other still runs a collective aborts in gloo's threads.
     torch.distributed.barrier()

@@ -178,9 +178,9 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn
         raise FileNotFoundError(f"load_pruned: {str(path)!r}: no such directory ({path.absolute()}); give the "
                                 "directory save_pruned (or the command's --export_dir) wrote")  # fmt: skip
     if (path / _OLD_COMPRESSED_FILE).exists():
-        raise ValueError(f"{path} holds {_OLD_COMPRESSED_FILE}, the compressed format mosaic-lightning wrote before "
-                         "compressed-tensors; it is no longer read: load it with load_pruned at commit fb783c7 and "
-                         "save_pruned it (dense), then export it again")  # fmt: skip
+        raise ValueError(f"{path} holds {_OLD_COMPRESSED_FILE}, a compressed format of development versions before "
+                         "mosaic-lightning 0.1.0 that no release reads; prune the source model again with this "
+                         "release to export it (--compress_export true for compressed storage)")  # fmt: skip
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     compressed = sparsity_config(config) is not None
     if compressed:

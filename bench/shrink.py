@@ -139,13 +139,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="speed repeats per export")
     parser.add_argument("--work", default="bench/out/shrink")
     parser.add_argument("--out", default="bench/out/shrink.json")
+    parser.add_argument("--merge", nargs="*", default=[],
+                        help="earlier outputs whose rows join this run's (train one row a call, measure at the end)")
     args = parser.parse_args()
-    names = args.runs.split(",")
+    names = args.runs.split(",") if args.runs else []
     unknown = sorted(set(names) - set(RUNS) - set(ONE_SHOT))
     if unknown:
         raise SystemExit(f"--runs: unknown {unknown}; allowed: {', '.join([*RUNS, *ONE_SHOT])}")
     work = pathlib.Path(args.work)
     results = {}
+    for earlier in args.merge:
+        results.update(json.loads(pathlib.Path(earlier).read_text())["results"])
     for name in names:
         results[name] = _train(name, args, work)
         print(json.dumps({name: {k: v for k, v in results[name].items() if k != "curve"}}), flush=True)

@@ -1,7 +1,7 @@
 """mosaic-lightning: composite projection pruning for LLMs as PyTorch Lightning callbacks.
 
 The names below load on first use (PEP 562), so ``from mosaic_lightning import prune_model`` (the numerics) does
-not import Lightning, torchmetrics and what they pull in (about 190 MB of resident memory); the callbacks, the
+not import Lightning, torchmetrics and what they pull in (their import time and resident memory); the callbacks, the
 Lightning module and the data module do, when they are asked for.
 """
 

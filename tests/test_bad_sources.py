@@ -1,5 +1,5 @@
 """Bad model directories, training files and checkpoints are refused before any work with our own message, which
-names the argument and the file and says what was expected (issue 16, classes 2 and 3): no random weights behind a
+names the argument and the file and says what was expected: no random weights behind a
 warning, no message from deep inside transformers, safetensors or torch, and never advice to load unsafely."""
 
 from __future__ import annotations

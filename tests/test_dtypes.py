@@ -251,7 +251,7 @@ def test_training_schedules_in_low_precision(dtype, schedule, precision_spy):
 @pytest.mark.parametrize("schedule", ["gradual", "admm"])
 def test_float16_weights_under_adam_diverge_and_the_error_says_so(schedule):
     """Pure float16 weights under Adam (eps 1e-8 underflows in fp16) turn NaN within a few steps; pruning them
-    must fail naming the projection, never export a half-pruned NaN model (ADMM used to report 0% sparsity)."""
+    must fail naming the projection, never export a half-pruned NaN model or report 0% sparsity for it."""
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj.*NaN or inf"):
         _fit(SCHEDULES[schedule](), torch.float16, torch.optim.Adam)
 

@@ -1,4 +1,4 @@
-"""Exports that are edited after the fact, or that cannot be written (issue 16): ``load_pruned`` checks the
+"""Exports that are edited after the fact, or that cannot be written: ``load_pruned`` checks the
 per-layer shapes in config.json against the weight files and names the layer and field; a disk that fills up
 while exporting leaves no final directory, no temp directory, and says so."""
 

@@ -20,7 +20,7 @@ from mosaic_lightning.methods import PruneResult, PruningMethod, RandomScores
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A user's own module, outside the package: the method the README's "Adding a method" section describes.
+# A user's own module, outside the package: the method docs/adding-a-method.md, section "A method", describes.
 USER_MODULE = '''
 import torch
 from mosaic_lightning.methods import PruningMethod

@@ -13,7 +13,8 @@ So every projection gets OWL's layer profile (not centred: the reference subtrac
 offset per projection type. That is ``offset="published"``, the default. The reference code alone does not settle
 how the per-type values were meant to enter (it computes ``B_{t,l}`` per projection, then uses only its mean over
 layers, un-centred), so ``offset`` also takes the other readings, to be settled by measurement
-(``bench/quality.py --suite mosaic-variants``; ``bench/RESULTS.md``):
+(``bench/quality.py --suite mosaic-variants``; see bench/RESULTS.md, section 'The published Mosaic against OWL and
+uniform'):
 
 - ``"published"``: ``sparsity_{t,l} = s - A_l + mean_l(B_{t,l})`` (above);
 - ``"off"``: ``sparsity_{t,l} = s - (A_l - mean_l A_l)``, OWL's layerwise formula (no type term; the same values

@@ -64,7 +64,7 @@ class MSP(Allocation):
             (the squared gradient of each batch's loss, as the sensitivity is defined above); ``k``: each batch
             split into passes of ``k`` sequences, each squared on its own (1: the per-sequence empirical
             Fisher). The backward holds every layer's activations and the full-vocabulary logits of one pass, so
-            its memory falls with ``k``: on SmolLM2, 4 x 512 tokens a pass peaked at 6.3 GB.
+            its memory falls with ``k`` (see bench/RESULTS.md, section 'MSP's search: time and memory').
         seed: seed of the search.
     """
 

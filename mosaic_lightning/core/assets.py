@@ -187,7 +187,7 @@ def _bundled_fp32_dir() -> pathlib.Path:
 
 
 def ensure_bundled_fp32() -> pathlib.Path:
-    """Dequantize the bundled GGUF once (~20 s) and keep an fp32 safetensors copy (loads in ~3 s)."""
+    """Dequantize the bundled GGUF once and keep an fp32 safetensors copy: later loads read it, not the GGUF."""
     target = _bundled_fp32_dir()
     if (target / "config.json").exists():
         return target

@@ -46,8 +46,8 @@ def check_task_options(
 def task_manager(tasks: Sequence[str], include_path: str | None = None):
     """An lm-eval ``TaskManager`` that knows every name in ``tasks``, or a ``ValueError`` naming the unknown ones.
 
-    The package's folder and ``include_path`` are indexed first; lm-eval's own ~15k task index (slower to build)
-    only when a name is not found there.
+    The package's folder and ``include_path`` are indexed first; lm-eval's own task index (thousands of tasks,
+    slower to build) only when a name is not found there.
     """
     from lm_eval.tasks import TaskManager
 

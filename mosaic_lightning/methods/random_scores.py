@@ -1,7 +1,7 @@
 """Random baseline: every weight gets an independent uniform random score, so the pattern keeps a random subset.
 
 The floor any real method must clear (a method that does no better than this has learnt nothing from weights or
-data). Reads no statistics, so it costs no forward pass. Also the worked example of README "Adding a method":
+data). Reads no statistics, so it costs no forward pass. Also the worked example of docs/adding-a-method.md:
 one file, one option, nothing else in the package edited.
 """
 

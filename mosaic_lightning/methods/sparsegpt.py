@@ -4,7 +4,8 @@ Columns are walked in blocks; in each block the mask is chosen by ``w^2 / [H^-1]
 M columns for N:M, as in the reference implementation), and each pruned column's error is spread over the
 columns not yet visited through the inverse-Hessian's Cholesky factor. Where a block's mask is chosen before its
 walk (every unstructured pattern), the walk is computed as one triangular solve per row (batched), not column by
-column in Python: the same result up to float rounding, several times faster (``_solve_fixed_block``).
+column in Python: the same result up to float rounding, and faster (``_solve_fixed_block``; see
+bench/RESULTS.md, section 'Against one forward pass').
 
 Mask selection for unstructured patterns (``mask_scope``):
 

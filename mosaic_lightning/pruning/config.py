@@ -55,7 +55,8 @@ class PruningConfig:
             planner's split between heads and channels); the remainder is reported.
         sequential: calibrate each block on the output of the blocks before it *as pruned* (as Wanda's and
             SparseGPT's reference code do; two passes per block); False uses the dense model's activations
-            (one pass per block, faster, usually slightly worse).
+            (one pass per block, faster, usually slightly worse; see bench/RESULTS.md, section 'Calibration
+            order: default, one pass, true-sequential').
         true_sequential: within each block too, calibrate each projection on its inputs with the projections
             before it already pruned (SparseGPT's ``--true-sequential``: q/k/v, then o, then gate/up, then
             down), in about one pass per block instead of two (:mod:`~mosaic_lightning.calibration.true_sequential`; it

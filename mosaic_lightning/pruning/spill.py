@@ -3,10 +3,10 @@
 An in-memory run writes nothing into the model until every block is pruned (so a failure at block 20 leaves the
 model as it was). The blocks' keep masks and, for a method that changes the kept weights (SparseGPT), their new
 values must be held somewhere meanwhile: in memory they would add a byte per weight (masks) and the density's
-share of the model (values) to the peak, which llm-compressor, writing each block in place, does not pay. Held
-here, each tensor is one safetensors file in a temporary folder (the OS temp dir, ``TMPDIR``; read back at
-commit, from the page cache at small sizes). Where that folder is a RAM-backed tmpfs the memory is moved, not
-saved: point ``TMPDIR`` at a disk.
+share of the model (values) to the peak, which llm-compressor, writing each block in place, does not pay (see
+bench/RESULTS.md, section 'Where pending results wait'). Held here, each tensor is one safetensors file in a
+temporary folder (the OS temp dir, ``TMPDIR``; read back at commit, from the page cache at small sizes). Where
+that folder is a RAM-backed tmpfs the memory is moved, not saved: point ``TMPDIR`` at a disk.
 """
 
 from __future__ import annotations

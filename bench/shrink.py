@@ -8,6 +8,7 @@ calibration, training and evaluation, batch 4: 2,048 training tokens per step, `
 trained on: the last articles of the bundled text). Rows:
 
   * ``uniform-30``: the shipped recipe (StructPrune units, the same sizes in every layer, plain from_pretrained);
+  * ``uniform-30-mlp``: the same with MLP channels only (heads against channels);
   * ``per-layer-30``: StructPrune with its energy allocation (per-layer sizes, read by ``load_pruned``);
   * ``dense-ft``: the dense model fine-tuned on the LM loss for the same tokens (training on this text lowers
     even dense perplexity: the fair reference for a recovered model);
@@ -39,6 +40,7 @@ PER_LAYER = [*SHRINK, "--pruning.allocation", "energy",
              "--pruning.uniform_structure", "false"]  # fmt: skip
 RUNS = {
     "uniform-30": SHRINK,
+    "uniform-30-mlp": [*SHRINK, "--pruning.structured_units", "[mlp]"],
     "per-layer-30": PER_LAYER,
     "dense-ft": ["--config", "recipes/recover-70.yaml", "--pruning.sparsity", "0.0", "--pruning.method", "magnitude",
                  "--model.distill_weight", "0.0"],

@@ -268,3 +268,18 @@ def test_float16_activation_overflow_is_a_clear_error_with_the_model_unchanged()
         prune_model(model, random_batches(), PruningConfig(0.5, "wanda"), progress=False)
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_compressed_export_round_trips_in_the_dtype(dtype, tmp_path):
+    """The bitmask (compressed-tensors) export of a 50% model reloads with load_pruned in the model's dtype, every
+    tensor bit-identical (load_pruned used to default to float32 whatever was saved)."""
+    model = make_llama().to(dtype)
+    outcome = prune_model(model, random_batches(), PruningConfig(0.5, "wanda"), progress=False)
+    save_pruned(model, None, tmp_path / "packed", outcome.report, compress=True)
+    loaded = load_pruned(tmp_path / "packed")
+    assert {p.dtype for p in loaded.parameters()} == {dtype}
+    state = loaded.state_dict()
+    for name, tensor in model.state_dict().items():
+        if "rotary" not in name:
+            assert torch.equal(state[name], tensor), name

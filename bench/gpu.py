@@ -47,7 +47,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-PARTS = ["prune_time", "mask_agreement", "shrink_speed", "semi_structured_24", "host_syncs", "zero3_fit"]
+PARTS = ["prune_time", "mask_agreement", "semi_structured_24", "host_syncs", "shrink_speed", "zero3_fit"]
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 # Llama-3.2-1B's shapes (random weights): hidden 2048, MLP 8192, 16 layers, 32 query / 8 KV heads.
@@ -96,13 +96,14 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _random_llama(args, dtype: torch.dtype, seed: int = 0):
+def _random_llama(args, dtype: torch.dtype, seed: int = 0, layers: int | None = None):
     """The 1B-class (or, ``--tiny``, a tiny) Llama with seeded random weights, on the device, in ``dtype``; the
-    same seed gives the same values (bfloat16 ones rounded from them)."""
+    same seed gives the same values (bfloat16 ones rounded from them). ``layers``: fewer decoder blocks."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(**(LLAMA_TINY if args.tiny else LLAMA_1B))
+    shape = LLAMA_TINY if args.tiny else LLAMA_1B
+    config = LlamaConfig(**{**shape, "num_hidden_layers": layers or shape["num_hidden_layers"]})
     with torch.device(args.device):
         model = LlamaForCausalLM(config)
     return model.to(dtype).eval()
@@ -183,9 +184,12 @@ def _held_out(args, tokenizer) -> tuple[list[torch.Tensor], list[torch.Tensor]] 
     """Calibration windows from the bundled Wikipedia's first 80 articles, held-out windows from the last 20."""
     try:
         from mosaic_lightning.core.assets import wikipedia_split
-    except ImportError:
+
+        train, test = wikipedia_split()  # needs the gensim package (the bundled text); random tokens without it
+    except Exception as err:
+        print(f"[mask_agreement] no bundled Wikipedia text ({type(err).__name__}: {err}); random calibration tokens, "
+              "no perplexity", flush=True)
         return None
-    train, test = wikipedia_split()
 
     def windows(texts, count, seed):
         ids = torch.tensor(tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"])
@@ -350,7 +354,8 @@ def _count_syncs(args, method: str, device: torch.device) -> dict:
             self.layer = None
             super().unload(layer)
 
-    model = _random_llama(argparse.Namespace(**{**vars(args), "device": "cpu"}), torch.bfloat16)
+    # the model stays in host memory (2 blocks of the 1B shapes: the per-block counts are what is measured)
+    model = _random_llama(argparse.Namespace(**{**vars(args), "device": "cpu"}), torch.bfloat16, layers=2)
     adapter = ModelAdapter(model)
     residency = Counting(adapter, device)
     batches = _random_batches(args, model.config.vocab_size)
@@ -414,6 +419,7 @@ def zero3_child(out_file: str, device: str, tiny: bool) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mosaic_lightning import MosaicPruning
+    from mosaic_lightning.core.masks import named_parameters
     from mosaic_lightning.core.zero import gathered_params
 
     shape = LLAMA_TINY if tiny else dict(LLAMA_1B, num_hidden_layers=4)
@@ -448,7 +454,7 @@ def zero3_child(out_file: str, device: str, tiny: bool) -> None:
     start = time.perf_counter()
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=2))
     fit_s = time.perf_counter() - start
-    params = dict(module.model.named_parameters())
+    params = named_parameters(module.model)
     nonzero = zeros = total = 0
     for name, keep in callback.masks.masks.items():
         with gathered_params([params[name]]):
@@ -539,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="parts that would start later are skipped (default 300; none with --tiny)")
-    parser.add_argument("--calibration-samples", type=int, default=None, help="default 64 (tiny: 4)")
+    parser.add_argument("--calibration-samples", type=int, default=None,
+                        help="default 128 as the recipes (tiny: 4)")
     parser.add_argument("--seq-len", type=int, default=None, help="default 512 (tiny: 32)")
     parser.add_argument("--batch-size", type=int, default=None, help="default 8 (tiny: 2)")
     parser.add_argument("--eval-windows", type=int, default=32, help="held-out windows for perplexity (--model)")
@@ -549,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.zero3_child:
         zero3_child(args.zero3_child, args.device, args.tiny)
         return 0
-    args.calibration_samples = args.calibration_samples or (4 if args.tiny else 64)
+    args.calibration_samples = args.calibration_samples or (4 if args.tiny else 128)
     args.seq_len = args.seq_len or (32 if args.tiny else 512)
     args.batch_size = args.batch_size or (2 if args.tiny else 8)
     args.repeats = args.repeats or (1 if args.tiny else 3)

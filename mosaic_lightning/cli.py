@@ -7,6 +7,7 @@ again and writes a Hugging Face directory with ``pruning_report.json``.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import warnings
@@ -14,14 +15,14 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .callbacks import CompactOnFitEnd, MosaicPruning
 from .callbacks.compact_on_fit_end import final_model
 from .callbacks.mosaic_pruning import build_model_now
 from .callbacks.zero_shot import ZeroShotAccuracy
-from .console import quiet_dependencies, reported_errors, run_summary, weight_bytes
+from .console import TRACEBACK_ENV, one_line, quiet_dependencies, reported_errors, run_summary, weight_bytes
 from .core.assets import local_model_dir
 from .evaluation.perplexity import perplexity
 from .evaluation.zero_shot import check_task_options
@@ -39,8 +40,20 @@ HELP_EPILOG = (
 )
 
 
+class ArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser; a bad argument ends in one line, ``error: <message>``, and exit status 2, without the
+    usage of every option (``--help`` shows it; ``MOSAIC_TRACEBACK=1`` restores jsonargparse's own output)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error or os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0"):
+            return super().error(message, ex)  # inside jsonargparse's own retries it raises, as it should
+        sys.stderr.write(f"error: {one_line(message)}\n")
+        self.exit(2)
+
+
 class MosaicCLI(LightningCLI):
     def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("parser_class", ArgumentParser)
         kwargs.setdefault("model_class", CausalLM)
         kwargs.setdefault("datamodule_class", TextDataModule)
         # yaml.safe_load underneath; the help says what --config takes besides a path

@@ -69,11 +69,26 @@ def reported_errors() -> Iterator[None]:
     except Exception as error:  # noqa: BLE001 - the command's last line, by design
         if os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0"):
             raise
-        message = str(error).strip() or type(error).__name__
+        message = one_line(str(error)) or type(error).__name__
         if isinstance(error, KeyError) and error.args:
             message = f"{type(error).__name__}: {error.args[0]}"
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def one_line(message: str) -> str:
+    """A message as one line. jsonargparse wraps an error raised while it builds a class given in a union (a
+    strategy, a logger) in a list of what each union member said and a dump of the value: keep what the class
+    said, without the ``Expected a <class ...>`` of the members that did not apply."""
+    lines = [line.strip() for line in message.strip().splitlines()]
+    lines = [line for line in lines if line and not line.startswith("Given value")]
+    if "Errors:" in lines:
+        where = [line for line in lines[: lines.index("Errors:")] if line.startswith("Parser key")]
+        said = [line.removeprefix("- ") for line in lines[lines.index("Errors:") + 1 :]]
+        said = [text for text in said if not text.startswith(("Expected a <class", "Not a valid subclass"))]
+        if said:
+            return " ".join([*where, "; ".join(said)])
+    return " ".join(lines)
 
 
 def weight_bytes(folder: str | os.PathLike) -> int:

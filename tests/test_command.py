@@ -104,6 +104,36 @@ def test_bad_input_ends_in_one_error_line_and_the_traceback_on_request(tmp_path,
         main(args)
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--pruning.sparsity", "abc"], "Parser key \"pruning.sparsity\": Expected a <class 'float'>. Got value: abc"),
+     (["--trainer.max_stepz", "3"], "unrecognized arguments: --trainer.max_stepz 3")],
+)  # fmt: skip
+def test_a_malformed_argument_ends_in_one_line_with_status_2(tmp_path, monkeypatch, capsys, extra, message):
+    monkeypatch.chdir(tmp_path)
+    assert _run(["fit", "--config", "wanda-50", *extra]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_deepspeed_config_file_is_found_in_the_package_and_a_wrong_one_named(tmp_path, tiny_model_dir, monkeypatch,
+                                                                             capfd):  # fmt: skip
+    """configs/zero3-offload.yaml names its DeepSpeed JSON by a checkout-relative path; from another directory it
+    is read from the package. On this CPU-only machine the run then stops at the accelerator check."""
+    pytest.importorskip("deepspeed")
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU this would start a DeepSpeed run")
+    monkeypatch.chdir(tmp_path)
+    cpu = ["--config", "zero3-offload", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+           "--trainer.precision", "32-true"]  # fmt: skip
+    assert _run([*_tiny_args(tmp_path, tiny_model_dir), *cpu]) == 1
+    assert capfd.readouterr().err.strip().splitlines()[-1] == (
+        "error: The DeepSpeed strategy is only supported on CUDA GPUs but `CPUAccelerator` is used.")
+    wrong = ["--trainer.strategy.init_args.config", "configs/deepspeed/nothing.json"]
+    assert _run([*_tiny_args(tmp_path, tiny_model_dir), *cpu, *wrong]) == 1
+    assert capfd.readouterr().err.strip().splitlines()[-1] == (
+        "error: You passed in a path to a DeepSpeed config but the path does not exist: configs/deepspeed/nothing.json")
+
+
 def test_a_pickle_only_model_folder_is_refused_with_how_to_convert(tmp_path, tiny_model_dir, monkeypatch, capfd):
     monkeypatch.chdir(tmp_path)
     weights = load_file(tiny_model_dir / "model.safetensors")

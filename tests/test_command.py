@@ -134,6 +134,15 @@ def test_deepspeed_config_file_is_found_in_the_package_and_a_wrong_one_named(tmp
         "error: You passed in a path to a DeepSpeed config but the path does not exist: configs/deepspeed/nothing.json")
 
 
+def test_a_missing_text_file_is_named_with_its_field(tmp_path, tiny_model_dir, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    args = _tiny_args(tmp_path, tiny_model_dir, "--data.eval_files", "missing.txt", "--export_dir", "out")
+    assert _run(args) == 1
+    assert capfd.readouterr().err.strip().splitlines()[-1] == (
+        f"error: eval_files: missing.txt: no such file ({tmp_path / 'missing.txt'}); give UTF-8 text files")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_pickle_only_model_folder_is_refused_with_how_to_convert(tmp_path, tiny_model_dir, monkeypatch, capfd):
     monkeypatch.chdir(tmp_path)
     weights = load_file(tiny_model_dir / "model.safetensors")

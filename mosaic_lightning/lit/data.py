@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -84,6 +86,9 @@ class TextDataModule(L.LightningDataModule):
         train_files, eval_files = _as_list(train_files), _as_list(eval_files)
         if (train_files is None) != (eval_files is None):
             raise ValueError("give both train_files and eval_files, or neither (bundled Wikipedia sample)")
+        for field_name, paths in (("train_files", train_files), ("eval_files", eval_files)):
+            for path in paths or []:  # at construction: before the model loads or anything is pruned
+                _check_text_file(path, field_name)
         if dataset is not None and train_files is not None:
             raise ValueError("give data.dataset or data.train_files/eval_files, not both")
         if dataset is None and eval_dataset is not None:
@@ -163,6 +168,14 @@ class TextDataModule(L.LightningDataModule):
 def _as_list(paths: list[str] | str | None) -> list[str] | None:
     """A single path works where a list is expected (``--data.train_files x.txt``)."""
     return [paths] if isinstance(paths, str) else paths
+
+
+def _check_text_file(path: str, field_name: str) -> None:
+    where = Path(path)
+    if where.is_dir():
+        raise IsADirectoryError(f"{field_name}: {path} is a directory; give UTF-8 text files")
+    if not where.is_file():
+        raise FileNotFoundError(f"{field_name}: {path}: no such file ({where.absolute()}); give UTF-8 text files")
 
 
 def _read_files(paths: list[str], field_name: str) -> list[str]:

@@ -259,8 +259,6 @@ def _next_removal(group: UnitGroup, current: int, kept_heads) -> int | None:
     return min(larger) if larger else None
 
 
-
-
 def _trim(plan: dict[str, int], groups, per_unit, wanted: dict[str, float], limit: int, uniform: bool) -> None:
     """Undo roundings up (MLP channels first, then heads) while the units remove more than ``limit`` weights, so a
     structured-only plan never exceeds its target (single weights fill the gap); ``uniform`` trims every layer."""

@@ -76,10 +76,16 @@ def reported_errors() -> Iterator[None]:
         sys.exit(1)
 
 
-def one_line(message: str) -> str:
-    """A message as one line. jsonargparse wraps an error raised while it builds a class given in a union (a
-    strategy, a logger) in a list of what each union member said and a dump of the value: keep what the class
-    said, without the ``Expected a <class ...>`` of the members that did not apply."""
+def one_line(message: str, limit: int = 600) -> str:
+    """A message as one line, cut after ``limit`` characters (a config file's whole text, say). jsonargparse
+    wraps an error raised while it builds a class given in a union (a strategy, a logger) in a list of what each
+    union member said and a dump of the value: keep what the class said, without the ``Expected a <class ...>``
+    of the members that did not apply."""
+    line = _joined(message)
+    return line if len(line) <= limit else f"{line[:limit]} ... ({TRACEBACK_ENV}=1 shows all of it)"
+
+
+def _joined(message: str) -> str:
     lines = [line.strip() for line in message.strip().splitlines()]
     lines = [line for line in lines if line and not line.startswith("Given value")]
     if "Errors:" in lines:

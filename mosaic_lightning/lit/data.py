@@ -86,13 +86,13 @@ class TextDataModule(L.LightningDataModule):
         train_files, eval_files = _as_list(train_files), _as_list(eval_files)
         if (train_files is None) != (eval_files is None):
             raise ValueError("give both train_files and eval_files, or neither (bundled Wikipedia sample)")
-        for field_name, paths in (("train_files", train_files), ("eval_files", eval_files)):
-            for path in paths or []:  # at construction: before the model loads or anything is pruned
-                _check_text_file(path, field_name)
         if dataset is not None and train_files is not None:
             raise ValueError("give data.dataset or data.train_files/eval_files, not both")
         if dataset is None and eval_dataset is not None:
             raise ValueError(f"data.eval_dataset={eval_dataset!r} needs data.dataset (the calibration text)")
+        for field_name, paths in (("train_files", train_files), ("eval_files", eval_files)):
+            for path in paths or []:  # at construction: before the model loads or anything is pruned
+                _check_text_file(path, field_name)
         self.save_hyperparameters()
         self.tokenizer = None
         self.train_set: TokenWindows | None = None

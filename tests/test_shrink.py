@@ -83,7 +83,7 @@ def test_size_target_is_the_closest_size_not_above_it():
 @pytest.mark.parametrize(
     ("target", "message"),
     [(0.9999999, r"not fewer than the dense model's"), (10**9, r"not fewer than the dense model's"),
-     (0.01, r"out of reach"), (1.5, r"allowed values"), (-0.2, r"allowed values")],
+     (0.01, r"out of reach: removing every unit that may go"), (1.5, r"allowed values"), (-0.2, r"allowed values")],
 )  # fmt: skip
 def test_impossible_size_targets_are_refused_before_any_weight_changes(target, message):
     model = make_llama()
@@ -112,6 +112,7 @@ def test_compacted_logits_equal_the_masked_models_and_the_uniform_export_loads_p
     compact_model(model, outcome.structure)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=INPUT).logits, masked, rtol=0, atol=1e-5)
+    assert outcome.report.metrics["params_planned"] == model.num_parameters()  # said before, biases included
     save_pruned(model, None, tmp_path / "out")
     loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert loaded.num_parameters() == model.num_parameters()

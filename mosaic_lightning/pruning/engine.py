@@ -37,6 +37,7 @@ from ..core.masks import MaskStore
 from ..core.report import ProjectionReport, PruningReport
 from ..core.residency import BlockResidency
 from ..core.structure import (
+    HEADS,
     UnitGroup,
     check_removals,
     plan_removals,
@@ -209,8 +210,8 @@ def plan_pruning(
     groups = unit_groups(adapter, config.structured_units) if config.structured else []
     removals: dict[str, int] = {}
     structural: dict[str, int] = {}
+    by_layer = {layer: {p.name: p for p in adapter.projections(layer)} for layer in range(adapter.num_layers)}
     if groups:
-        by_layer = {layer: {p.name: p for p in adapter.projections(layer)} for layer in range(adapter.num_layers)}
         target = round(config.structured_fraction * goal)
         kept_heads = statable_head_counts(model.config) if config.uniform_structure else None
         removals = budget.unit_removals  # an allocation may plan the units itself (StructPrune's energy softmax)
@@ -234,7 +235,7 @@ def plan_pruning(
     if config.whole_units:
         unstructured = dict.fromkeys(sizes, 0)
     counts = {k: structural.get(k, 0) + unstructured[k] for k in sizes}
-    size = _planned_size(model, groups, removals, structural, config) if config.whole_units else {}
+    size = _planned_size(model, groups, removals, by_layer, config) if config.whole_units else {}
     if size and progress:
         tqdm.write(describe_size(size))
     return Plan(counts, unstructured, budget.ratios, groups, removals, budget.details, size)
@@ -247,31 +248,47 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def with_size_target(model: nn.Module, adapter: ModelAdapter, config: PruningConfig) -> PruningConfig:
-    """``config`` with ``sparsity`` derived from its ``target_params`` (unchanged without one); an unreachable
-    target is refused here, before any work."""
+    """``config`` with ``sparsity`` derived from its ``target_params`` (unchanged without one); a target that
+    whole units cannot reach is refused here, before any work."""
     if config.target_params is None:
         return config
     dense = parameter_count(model)
     value = config.target_params
     target = round(value * dense) if value < 1 else int(value)
-    prunable = sum(p.numel for p in adapter.all_projections())
     if target >= dense:
         raise ValueError(
             f"target_params={value!r} asks for {target:,} parameters, not fewer than the dense model's {dense:,}"
         )
-    if dense - target >= prunable:
+    by_layer = {layer: {p.name: p for p in adapter.projections(layer)} for layer in range(adapter.num_layers)}
+    groups = unit_groups(adapter, config.structured_units)
+    kept_heads = statable_head_counts(model.config) if config.uniform_structure else None
+    most = {g.key: max(n for n in g.valid_removals() if g.kind != HEADS or kept_heads is None
+                       or g.count - n in kept_heads) for g in groups}  # fmt: skip
+    smallest = dense - _removed_params(groups, most, by_layer)
+    if target < smallest:
         raise ValueError(
-            f"target_params={value!r} ({target:,} parameters) is out of reach: the pruned projections hold "
-            f"{prunable:,} of the model's {dense:,} parameters, so no size at or below {dense - prunable:,} can "
-            "be reached; ask for more parameters"
+            f"target_params={value!r} ({target:,} parameters) is out of reach: removing every unit that may go "
+            f"({', '.join(config.structured_units)}; at least one per layer stays) leaves {smallest:,} of the "
+            f"model's {dense:,}; ask for more parameters"
         )
+    prunable = sum(p.numel for p in adapter.all_projections())
     return dataclasses.replace(config, sparsity=(dense - target) / prunable)
 
 
-def _planned_size(model, groups: list[UnitGroup], removals, structural, config: PruningConfig) -> dict:
+def _removed_params(groups: list[UnitGroup], removals: dict[str, int], by_layer) -> int:
+    """Weights and biases that ``removals`` takes out of the model (a removed output row takes its bias entry)."""
+    removed = sum(structural_counts(groups, removals, by_layer).values())
+    for g in groups:
+        for name in g.rows:
+            if getattr(by_layer[g.layer][name].module, "bias", None) is not None:
+                removed += removals[g.key] * g.size
+    return removed
+
+
+def _planned_size(model, groups: list[UnitGroup], removals, by_layer, config: PruningConfig) -> dict:
     """What the compacted export will hold, known before any weight changes: parameters, bytes, kept units."""
     dense = parameter_count(model)
-    after = dense - sum(structural.values())
+    after = dense - _removed_params(groups, removals, by_layer)
     dtype = next(model.parameters()).dtype
     size = {"params_dense": dense, "params_planned": after,
             "planned_file_mb": after * dtype.itemsize / 2**20}  # fmt: skip

@@ -22,7 +22,7 @@ def bigbench_roots() -> list[Path]:
     """Folders searched for ``<task>/task.json``: the environment override alone when it is set."""
     if os.environ.get(BIGBENCH_ENV):
         return [Path(os.environ[BIGBENCH_ENV])]
-    checkout = Path(__file__).resolve().parents[2]  # mosaic_lightning/tasks/ -> the repository root
+    checkout = Path(__file__).resolve().parents[len(__name__.split(".")) - 1]  # the folder holding the package
     return list(dict.fromkeys([checkout.parent / _RELATIVE, Path.cwd().resolve().parent / _RELATIVE]))
 
 

@@ -1,4 +1,5 @@
-"""Entry point: ``python train.py fit --config recipes/mosaic-50.yaml [--pruning.sparsity 0.7 ...]``."""
+"""``python train.py ...`` is the ``mosaic-lightning`` command run from a checkout (same subcommands and flags):
+``python train.py fit --config mosaic-50 [--pruning.sparsity 0.7 ...]``."""
 
 from mosaic_lightning.cli import main
 

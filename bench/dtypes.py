@@ -80,20 +80,20 @@ def main() -> None:
     results = {recipe: summarise(pathlib.Path(args.runs), recipe) for recipe in args.recipes}
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print("| recipe | dtype | export projections | achieved sparsity | ppl dense | ppl pruned | masks agree | "
-          "fp32 zeros also bf16 zeros |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| recipe | dtype | export projections | achieved sparsity | zeros in export | ppl dense | ppl pruned | "
+          "masks agree | fp32 zeros also bf16 zeros |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for recipe, result in results.items():
         agreement = result.get("agreement", {})
         for dtype in ("float32", "bfloat16"):
             r = result[dtype]
             if "missing" in r:
-                print(f"| {recipe} | {dtype} | (no run at {r['missing']}) | | | | | |")
+                print(f"| {recipe} | {dtype} | (no run at {r['missing']}) | | | | | | |")
                 continue
             agree = (f"{agreement['mask_entries_equal']:.4f} | {agreement['fp32_pruned_also_pruned_in_bf16']:.4f}"
                      if agreement and dtype == "bfloat16" else " | ")
             print(f"| {recipe} | {dtype} | {', '.join(r['projection_dtypes'])} | {r['achieved_sparsity']:.6f} | "
-                  f"{r['ppl_dense']:.2f} | {r['ppl_pruned']:.2f} | {agree} |")
+                  f"{r['zero_fraction_in_export']:.6f} | {r['ppl_dense']:.2f} | {r['ppl_pruned']:.2f} | {agree} |")
 
 
 if __name__ == "__main__":

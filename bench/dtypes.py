@@ -10,8 +10,9 @@ For each recipe and dtype it reads the export's ``pruning_report.json`` (request
 pruned held-out perplexity) and its safetensors headers (the projections' dtype), and from the weights themselves
 the pruned set of every targeted projection (its zeros) to compare bf16 with fp32: the share of mask entries that
 agree and the share of fp32's zeros that bf16 has too. The dense SmolLM2 already holds 33,483 exact zeros in these
-weights (0.03%, from its 4-bit quantisation; its smallest non-zero magnitude, 3.8e-6, survives bf16 rounding), so
-the zero sets include those; they move the agreement by at most 0.0003.
+weights (0.03%, from its 4-bit quantisation; its smallest non-zero magnitude, 3.8e-6, survives bf16 rounding); a
+score-based method prunes them first, so where the export's zero share equals the achieved sparsity (it did, exactly,
+for Wanda and SparseGPT at 50%) the zero sets are exactly the pruned sets.
 """
 
 from __future__ import annotations

@@ -124,7 +124,7 @@ def test_penalty_gradient_is_rho_times_w_minus_z_plus_u(arch):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_z_and_u_updates(arch):
     module, callback, schedule = _started(arch)
-    pattern = callback.config.build_pattern()
+    pattern = callback.config.parsed_pattern
     with torch.no_grad():
         for p in module.model.parameters():
             p.add_(0.05 * torch.randn_like(p))  # as if the optimizer had moved W

@@ -3,6 +3,7 @@ LightningModule and resumable loader the training tests (and the tests/distribut
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -84,6 +85,19 @@ TARGET_PARAMS: dict[str, list[str]] = {
         for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2")
     ],
 }
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Lightning's strategies write LOCAL_RANK, NODE_RANK, MASTER_PORT... into ``os.environ`` of the process that
+    builds them; a later test's multi-process script inheriting them would take itself for an already launched
+    rank and wait for its peers forever. Each test gets the environment back as it found it."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture(autouse=True)

@@ -63,14 +63,14 @@ def _command(name: str, args, work: pathlib.Path) -> list[str]:
     return cmd
 
 
-def _curve(logs: pathlib.Path) -> list[tuple[int, float]]:
-    """(training tokens, val_ppl) from the run's CSVLogger metrics."""
+def curve(logs: pathlib.Path, tokens_per_step: int = TOKENS_PER_STEP) -> list[tuple[int, float]]:
+    """(training tokens, val_ppl) from the run's CSVLogger metrics (also read by bench/shrink.py)."""
     files = sorted(logs.glob("**/metrics.csv"))
     if not files:
         return []
     with files[-1].open() as handle:
         rows = [r for r in csv.DictReader(handle) if r.get("val_ppl")]
-    return [((int(r["step"]) + 1) * TOKENS_PER_STEP, float(r["val_ppl"])) for r in rows]
+    return [((int(r["step"]) + 1) * tokens_per_step, float(r["val_ppl"])) for r in rows]
 
 
 def _run(name: str, args, work: pathlib.Path) -> dict:
@@ -92,7 +92,7 @@ def _run(name: str, args, work: pathlib.Path) -> dict:
         "achieved_sparsity": report["achieved_sparsity"],
         "wall_s": float(wall),
         "peak_rss_mb": int(rss_kb) / 1024,
-        "curve": _curve(work / name / "logs"),
+        "curve": curve(work / name / "logs"),
     }
 
 

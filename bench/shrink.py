@@ -26,13 +26,14 @@ by ``bench/inference.py --measure`` in fresh processes, the exports interleaved 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import pathlib
 import shutil
 import statistics
 import subprocess
 import sys
+
+from recovery import curve  # bench/ is on the path when a bench script runs
 
 TOKENS_PER_STEP = 4 * 512
 SHRINK = ["--config", "recipes/shrink-30.yaml"]
@@ -66,16 +67,6 @@ def _command(name: str, args, work: pathlib.Path, steps: int) -> list[str]:
     return cmd
 
 
-def _curve(logs: pathlib.Path) -> list[tuple[int, float]]:
-    """(training tokens, val_ppl) from the run's CSVLogger metrics."""
-    files = sorted(logs.glob("**/metrics.csv"))
-    if not files:
-        return []
-    with files[-1].open() as handle:
-        rows = [r for r in csv.DictReader(handle) if r.get("val_ppl")]
-    return [((int(r["step"]) + 1) * TOKENS_PER_STEP, float(r["val_ppl"])) for r in rows]
-
-
 def _train(name: str, args, work: pathlib.Path) -> dict:
     steps = 0 if name in ONE_SHOT else args.steps
     shutil.rmtree(work / name, ignore_errors=True)
@@ -90,8 +81,8 @@ def _train(name: str, args, work: pathlib.Path) -> dict:
     return {"command": " ".join(cmd[1:]), "train_tokens": steps * TOKENS_PER_STEP, "ppl_dense": report["ppl_dense"],
             "ppl_one_shot": report.get("ppl_compacted"), "ppl": report["ppl_pruned"],
             "achieved_sparsity": report["achieved_sparsity"], "structure_kept": _kept(report),
-            "run_wall_s": float(wall), "run_peak_rss_mb": int(rss_kb) / 1024, "curve": _curve(work / name / "logs"),
-            "export": str(work / name / "export")}  # fmt: skip
+            "run_wall_s": float(wall), "run_peak_rss_mb": int(rss_kb) / 1024,
+            "curve": curve(work / name / "logs", TOKENS_PER_STEP), "export": str(work / name / "export")}  # fmt: skip
 
 
 def _kept(report: dict) -> dict:

@@ -70,17 +70,10 @@ def _llama_mha_5_heads():
 def test_uniform_structure_keeps_only_head_counts_the_config_can_state(tmp_path, build, kept_heads):
     """OPT and GPT-2 cannot state fewer heads, so MLP channels take the structured share; Llama 80 wide cannot
     state 3 heads (80 % 3), so 3 is never kept. Either way plain from_pretrained loads the compacted export."""
-    torch.manual_seed(0)
-    model = build().eval()
-    config = PruningConfig(sparsity=0.5, allocation="mosaic", structured_fraction=0.6, uniform_structure=True)
-    structure = prune_model(model, random_batches(), config, progress=False).structure
-    with torch.no_grad():
-        expected = model(input_ids=INPUT).logits
-    compact_model(model, structure)
-    heads = getattr(model.config, "num_attention_heads", None) or model.config.n_head
-    assert heads in kept_heads
-    assert not hasattr(model.config, "mosaic_layer_shapes")  # one size in every layer, stated by the config
-    save_pruned(model, None, tmp_path / "out")
+    _, expected = _compacted_export(build, True, tmp_path / "out")
     reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    heads = getattr(reloaded.config, "num_attention_heads", None) or reloaded.config.n_head
+    assert heads in kept_heads
+    assert not hasattr(reloaded.config, "mosaic_layer_shapes")  # one size in every layer, stated by the config
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=INPUT).logits, expected, rtol=0, atol=1e-5)

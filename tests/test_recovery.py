@@ -85,6 +85,27 @@ def test_linear_lr_decay_to_zero_without_warmup_and_elsa_betas(tiny_model_dir):
     assert all(betas == (0.9, 0.95) for _, betas in seen)
 
 
+class _ModesSeen(L.Callback):
+    def __init__(self) -> None:
+        self.modes: set[bool] = set()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.modes.update(module.training for module in pl_module.model.modules())
+
+
+@pytest.mark.parametrize("compact_before_training", [False, True])
+def test_the_model_trains_in_train_mode(tiny_model_dir, compact_before_training):
+    """transformers loads a model in eval mode; every module, compacted ones included, trains in train mode
+    (dropout on)."""
+    module = CausalLM(str(tiny_model_dir), distill_weight=1.0)
+    seen = _ModesSeen()
+    pruning = MosaicPruning(sparsity=0.3, method="magnitude", allocation="uniform", structured_fraction=1.0,
+                            uniform_structure=True, whole_units=True, compact_before_training=True)  # fmt: skip
+    callbacks = [seen, pruning] if compact_before_training else [seen]
+    _trainer(callbacks, max_steps=2).fit(module, _loader())
+    assert seen.modes == {True}
+
+
 def test_linear_lr_decay_with_zero_training_steps_fits(tiny_model_dir):
     """``--trainer.max_steps 0`` (prune and export only) with the linear schedule: nothing to decay over."""
     module = CausalLM(str(tiny_model_dir), lr_schedule="linear")

@@ -97,6 +97,9 @@ class CausalLM(L.LightningModule):
                 self.model = load_causal_lm(
                     self.hparams.pretrained, DTYPES[self.hparams.dtype], self.hparams.allow_missing_weights
                 )
+            # transformers loads in eval mode and Lightning keeps each module's mode: without this the model
+            # would train without its dropout (GPT-2, OPT).
+            self.model.train()
         if self.hparams.distill_weight > 0 and not self._teacher:
             if _zero3(self._trainer):
                 raise ValueError("distill_weight > 0 is not supported under DeepSpeed ZeRO-3 (the teacher copy)")

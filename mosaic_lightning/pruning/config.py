@@ -172,6 +172,13 @@ class PruningConfig:
             return 0.0, 1.0
         return self.min_sparsity, self.max_sparsity
 
+    def target_param_count(self, dense_params: int) -> int | None:
+        """``target_params`` as a parameter count: a fraction of ``dense_params``, or the count itself."""
+        if self.target_params is None:
+            return None
+        value = self.target_params
+        return round(value * dense_params) if value < 1 else int(value)
+
     @property
     def parsed_pattern(self) -> Pattern:
         """``pattern`` as parsed once, when the config was checked."""

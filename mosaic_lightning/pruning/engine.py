@@ -210,10 +210,10 @@ def plan_pruning(
     groups = unit_groups(adapter, config.structured_units) if config.structured else []
     removals: dict[str, int] = {}
     structural: dict[str, int] = {}
-    by_layer = {layer: {p.name: p for p in adapter.projections(layer)} for layer in range(adapter.num_layers)}
+    by_layer = _projections_by_layer(adapter)
     if groups:
         target = round(config.structured_fraction * goal)
-        kept_heads = statable_head_counts(model.config) if config.uniform_structure else None
+        kept_heads = _kept_head_counts(model, config)
         removals = budget.unit_removals  # an allocation may plan the units itself (StructPrune's energy softmax)
         if removals is None:
             removals = plan_removals(
@@ -254,14 +254,14 @@ def with_size_target(model: nn.Module, adapter: ModelAdapter, config: PruningCon
         return config
     dense = parameter_count(model)
     value = config.target_params
-    target = round(value * dense) if value < 1 else int(value)
+    target = config.target_param_count(dense)
     if target >= dense:
         raise ValueError(
             f"target_params={value!r} asks for {target:,} parameters, not fewer than the dense model's {dense:,}"
         )
-    by_layer = {layer: {p.name: p for p in adapter.projections(layer)} for layer in range(adapter.num_layers)}
+    by_layer = _projections_by_layer(adapter)
     groups = unit_groups(adapter, config.structured_units)
-    kept_heads = statable_head_counts(model.config) if config.uniform_structure else None
+    kept_heads = _kept_head_counts(model, config)
     most = {g.key: max(n for n in g.valid_removals() if g.kind != HEADS or kept_heads is None
                        or g.count - n in kept_heads) for g in groups}  # fmt: skip
     smallest = dense - _removed_params(groups, most, by_layer)
@@ -273,6 +273,15 @@ def with_size_target(model: nn.Module, adapter: ModelAdapter, config: PruningCon
         )
     prunable = sum(p.numel for p in adapter.all_projections())
     return dataclasses.replace(config, sparsity=(dense - target) / prunable)
+
+
+def _projections_by_layer(adapter: ModelAdapter) -> dict[int, dict[str, Projection]]:
+    return {layer: {p.name: p for p in adapter.projections(layer)} for layer in range(adapter.num_layers)}
+
+
+def _kept_head_counts(model: nn.Module, config: PruningConfig) -> set[int] | None:
+    """Head counts a uniform plan may keep (those the family's config can state); ``None``: any."""
+    return statable_head_counts(model.config) if config.uniform_structure else None
 
 
 def _removed_params(groups: list[UnitGroup], removals: dict[str, int], by_layer) -> int:
@@ -295,8 +304,7 @@ def _planned_size(model, groups: list[UnitGroup], removals, by_layer, config: Pr
     for kind in sorted({g.kind for g in groups}):
         size[f"kept_{kind}_per_layer"] = [g.count - removals[g.key] for g in groups if g.kind == kind]
     if config.target_params is not None:
-        value = config.target_params
-        size["params_target"] = round(value * dense) if value < 1 else int(value)
+        size["params_target"] = config.target_param_count(dense)
     return size
 
 

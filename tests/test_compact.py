@@ -66,6 +66,24 @@ def test_gqa_removes_equal_query_heads_per_kv_group():
         assert not model.model.layers[layer].self_attn.k_proj.weight.eq(0).all(dim=1).any()  # k/v kept whole
 
 
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_the_live_compacted_model_keeps_its_logits_in_every_attention_kernel(attention, kv_heads):
+    """The compacted model in memory (what training after compaction runs), multi-head and grouped-query:
+    eager attention repeats each key/value head once per query head of its group, so the group size must match
+    the heads kept."""
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=kv_heads, vocab_size=128, attn_implementation=attention)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    outcome = _composite(model, uniform=True, fraction=0.9)
+    assert all(outcome.structure[f"{layer}.heads"] for layer in range(2))
+    with torch.no_grad():
+        masked = model(input_ids=INPUT).logits
+        compact_model(model, outcome.structure)
+        torch.testing.assert_close(model(input_ids=INPUT).logits, masked, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("uniform", [False, True])
 def test_compaction_keeps_logits_and_shrinks(arch, uniform, tmp_path):
     model = BUILDERS[arch]()

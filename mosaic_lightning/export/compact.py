@@ -123,8 +123,8 @@ def _shrink_module(adapter: ModelAdapter, entries: list[tuple[Projection, str]],
 def _set_head_count(adapter: ModelAdapter, o_proj: Projection, kept_heads: int) -> None:
     heads, kv_heads, head_dim = attention_shape(adapter.model.config)
     attention = adapter.model.get_submodule(adapter.module_name(o_proj).rpartition(".")[0])
-    if hasattr(attention, "num_key_value_groups"):
-        attention.num_key_value_groups = kept_heads // kv_heads
+    if hasattr(attention, "num_key_value_groups"):  # multi-head attention loses its key/value heads too
+        attention.num_key_value_groups = 1 if kv_heads == heads else kept_heads // kv_heads
     if hasattr(attention, "num_heads"):
         attention.num_heads = kept_heads
     if hasattr(attention, "split_size"):

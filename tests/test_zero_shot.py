@@ -143,6 +143,45 @@ def test_unknown_task_names_the_flag_and_suggests_the_local_one():
         task_manager(["social_iqa_locl"])
 
 
+def write_loglikelihood_task(folder: Path, name: str = "tiny_ll") -> Path:
+    """An lm-eval loglikelihood task over ITEMS (the first option as the answer): its perplexity is continuous,
+    so two models that choose alike still score differently."""
+    write_task(folder)
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'items.jsonl'}\n"
+        'output_type: loglikelihood\ntest_split: test\ndoc_to_text: "Question: {{question}}\\nAnswer:"\n'
+        'doc_to_target: " {{choices[0]}}"\nmetric_list:\n  - metric: perplexity\n'
+    )
+    return folder
+
+
+def test_dense_accuracy_of_a_run_compacting_before_training_is_the_dense_models(tmp_path, tiny_model_dir, tiny_lm):
+    """Such a run prunes before fit start: the dense scores are still those of the model as loaded."""
+    import lightning as L
+
+    from mosaic_lightning import CausalLM, MosaicPruning, TextDataModule
+    from mosaic_lightning.callbacks.zero_shot import ZeroShotAccuracy
+
+    train, test = write_text_files(tmp_path)
+    include = str(write_loglikelihood_task(tmp_path / "tasks"))
+    data = TextDataModule(str(tiny_model_dir), str(train), str(test), seq_len=32, batch_size=2,
+                          num_calibration_samples=4, max_eval_windows=2)  # fmt: skip
+    accuracy = ZeroShotAccuracy(["tiny_ll"], include)
+    pruning = MosaicPruning(sparsity=0.5, method="magnitude", allocation="uniform", structured_fraction=1.0,
+                            uniform_structure=True, whole_units=True, compact_before_training=True)  # fmt: skip
+    trainer = L.Trainer(accelerator="cpu", max_steps=0, callbacks=[accuracy, pruning], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    module = CausalLM(str(tiny_model_dir))
+    trainer.fit(module, data)
+    dense, tokenizer = tiny_lm
+    manager = task_manager(["tiny_ll"], include)
+    expected = zero_shot_accuracy(dense, tokenizer, ["tiny_ll"], manager)["tiny_ll"]["perplexity"]
+    compacted = zero_shot_accuracy(module.model, tokenizer, ["tiny_ll"], manager)["tiny_ll"]["perplexity"]
+    assert sum(p.numel() for p in module.model.parameters()) < sum(p.numel() for p in dense.parameters())
+    assert compacted != pytest.approx(expected)  # else this test could not tell the two models apart
+    assert accuracy.results["tiny_ll"]["dense"]["perplexity"] == pytest.approx(expected)
+
+
 def _cli(tmp_path: Path, model_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     train, test = write_text_files(tmp_path)
     return subprocess.run(

@@ -13,11 +13,13 @@ from torch import nn
 from ..core.consolidate import consolidated_copy
 from ..core.zero import is_partitioned
 from ..evaluation.zero_shot import check_task_options, task_manager, zero_shot_accuracy
-from ..trainer_access import causal_lm
+from ..trainer_access import causal_lm, find_callback
+from .mosaic_pruning import MosaicPruning, build_model_now
 
 
 class ZeroShotAccuracy(Callback):
-    """lm-eval accuracy of the dense model at fit start (insert it before ``MosaicPruning``) and, through
+    """lm-eval accuracy of the dense model at fit start (insert it before ``MosaicPruning``; in ``setup`` where
+    the model is compacted before training) and, through
     :meth:`evaluate_pruned`, of the final model; ``results`` is ``{task: {"dense": metrics, "pruned": metrics}}``.
 
     Only global rank 0 runs lm-eval (the others wait at a barrier), so no rank repeats another's work. Under
@@ -32,8 +34,17 @@ class ZeroShotAccuracy(Callback):
         self.results: dict[str, dict[str, dict]] = {}
         self.seconds: dict[str, float] = {}
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """A run that compacts before training (``MosaicPruning(compact_before_training=True)``) prunes before fit
+        start, so its dense model is scored here, as loaded. A callback cannot tell in ``setup`` whether a
+        checkpoint follows, so a resumed run of that kind scores the dense model again (the same values)."""
+        pruning = find_callback(trainer, MosaicPruning)
+        if stage == "fit" and pruning is not None and pruning.compact_before_training and not pruning.compacted:
+            build_model_now(trainer, pl_module)
+            self._evaluate("dense", trainer, causal_lm(pl_module))
+
     def on_fit_start(self, trainer, pl_module) -> None:
-        if any("dense" in phases for phases in self.results.values()):  # restored from the checkpoint
+        if any("dense" in phases for phases in self.results.values()):  # measured in setup or restored
             return
         if trainer.ckpt_path is not None and not trainer.strategy.restore_checkpoint_after_setup:
             rank_zero_warn("dense zero-shot accuracy not measured: the checkpoint holds none and the model holds "

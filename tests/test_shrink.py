@@ -180,6 +180,25 @@ def test_resume_mid_recovery_equals_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(value, expected[name], msg=name)
 
 
+def test_resuming_with_other_pruning_options_is_refused_naming_them(tmp_path):
+    torch.manual_seed(0)
+    _trainer(2, _shrinking(), tmp_path).fit(TinyLM(make_llama, lr=1e-3), ResumableBatches())
+    checkpoint = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    other = MosaicPruning(sparsity=0.4, method="wanda", allocation="uniform", structured_fraction=1.0,
+                          uniform_structure=True, whole_units=True, compact_before_training=True, verbose=False,
+                          calibration_dataloader=random_batches())  # fmt: skip
+    with pytest.raises(ValueError, match=r"other MosaicPruning options \(sparsity=0.3 there, 0.4 here\)"):
+        _trainer(4, other).fit(TinyLM(make_llama, lr=1e-3), ResumableBatches(), ckpt_path=checkpoint)
+
+
+def test_a_size_target_prunes_once():
+    from mosaic_lightning.schedules import Gradual
+
+    with pytest.raises(ValueError, match="target_params prunes once, to a size; schedule=Gradual"):
+        MosaicPruning(structured_fraction=1.0, whole_units=True, target_params=0.8,
+                      schedule=Gradual(initial_sparsity=0.1, start_step=0, end_step=4))  # fmt: skip
+
+
 def test_compact_before_training_is_refused_under_deepspeed_before_any_work():
     pytest.importorskip("deepspeed")
     from lightning.pytorch.strategies import DeepSpeedStrategy

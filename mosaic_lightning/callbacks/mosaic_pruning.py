@@ -104,6 +104,11 @@ class MosaicPruning(L.Callback):
         )
         self.schedule = schedule or OneShot()
         self.schedule.validate(self.config.sparsity)
+        if target_params is not None and not isinstance(self.schedule, OneShot):
+            raise ValueError(
+                f"target_params prunes once, to a size; schedule={type(self.schedule).__name__} prunes to a series "
+                "of sparsities: use target_params with the default OneShot(), or give sparsity with this schedule"
+            )
         self.compact_before_training = compact_before_training
         if compact_before_training:
             _check_compact_before_training(self.config, self.schedule)
@@ -292,6 +297,7 @@ class MosaicPruning(L.Callback):
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
+        _check_same_config(state_dict.get("config"), self.config.to_dict())
         self.schedule.load_state_dict(state_dict.get("schedule", {}))
         if state_dict.get("masks") is None:
             return
@@ -301,6 +307,19 @@ class MosaicPruning(L.Callback):
         report = None if report is None else _report_from_state(report)
         # whether the live model is compacted is this process's fact (set by setup), not the checkpoint's
         self._outcome = PruningOutcome(masks, report, state_dict.get("structure", {}), self.compacted)
+
+
+def _check_same_config(saved: dict | None, current: dict) -> None:
+    """A resumed run holds the checkpoint's pruning; options that differ from it would be reported and exported
+    as if they had made it."""
+    if saved is None or saved == current:
+        return
+    differ = [f"{key}={saved.get(key)!r} there, {current.get(key)!r} here"
+              for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]  # fmt: skip
+    raise ValueError(
+        f"the checkpoint was pruned with other MosaicPruning options ({'; '.join(differ)}): resume with the "
+        "options of the run that wrote it"
+    )
 
 
 def _check_compact_before_training(config: PruningConfig, schedule: Schedule) -> None:

@@ -20,7 +20,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .callbacks import CompactOnFitEnd, MosaicPruning
 from .callbacks.compact_on_fit_end import final_model
-from .callbacks.mosaic_pruning import build_model_now
 from .callbacks.zero_shot import ZeroShotAccuracy
 from .console import TRACEBACK_ENV, one_line, quiet_dependencies, reported_errors, run_summary, weight_bytes
 from .core.assets import local_model_dir
@@ -287,7 +286,7 @@ class _DensePerplexity(Callback):
         resumed = bool(self.cli.config[self.cli.subcommand].get("ckpt_path"))
         if stage != "fit" or not self._compacts_early(trainer) or resumed:
             return
-        build_model_now(trainer, pl_module)
+        find_callback(trainer, MosaicPruning).check_before_work(trainer, pl_module)
         causal_lm(pl_module).to(trainer.strategy.root_device)
         self.cli._metrics["ppl_dense"] = self.cli._perplexity("dense perplexity")
 

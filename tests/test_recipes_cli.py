@@ -90,6 +90,14 @@ def test_recover_recipe_fine_tunes_for_max_steps_and_keeps_the_sparsity(tmp_path
     assert zeros == report["params_pruned"]  # three fine-tuning steps regrew nothing
 
 
+def test_shrink_recipe_refuses_a_size_target_out_of_reach_before_any_work(tmp_path, tiny_model_dir):
+    result, export = _fit_recipe(tmp_path, tiny_model_dir, "shrink-30", "--pruning.target_params", "1000")
+    assert result.returncode != 0
+    assert "target_params=1000" in result.stderr and "out of reach" in result.stderr
+    assert "perplexity" not in result.stdout + result.stderr  # the dense model was not even evaluated
+    assert not export.exists()
+
+
 def test_shrink_recipe_removes_structure_recovers_and_exports_a_plain_smaller_model(tmp_path, tiny_model_dir):
     """recipes/shrink-30 with the acceptance overrides: at least 30% of the projection weights physically gone
     (counted here from the shapes), distillation for --trainer.max_steps, the three perplexities in the report,

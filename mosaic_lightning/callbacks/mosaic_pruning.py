@@ -20,7 +20,7 @@ from ..core.zero import deepspeed_engine
 from ..export.compact import compact_model
 from ..methods import PruningMethod
 from ..pruning.config import PruningConfig
-from ..pruning.engine import PruningOutcome, prune_model
+from ..pruning.engine import PruningOutcome, prune_model, with_size_target
 from ..schedules import OneShot, Schedule
 from ..trainer_access import causal_lm
 
@@ -164,13 +164,7 @@ class MosaicPruning(L.Callback):
         ``strategy.setup`` is preceded, once, by the prune and compaction of a fresh run."""
         if stage != "fit" or not self.compact_before_training or self.compacted:
             return
-        if deepspeed_engine_expected(trainer) or trainer.strategy.restore_checkpoint_after_setup:
-            raise ValueError(
-                f"compact_before_training=True is not supported with strategy={type(trainer.strategy).__name__} "
-                "(it shards the model before a checkpoint is restored); use a single device or DDP, or compact at "
-                "fit end with CompactOnFitEnd"
-            )
-        build_model_now(trainer, pl_module)
+        self.check_before_work(trainer, pl_module)
         restore_load_hook = run_before(pl_module, "on_load_checkpoint", lambda ck: self._compact_like(pl_module, ck))
 
         def prune_and_compact(*_) -> None:
@@ -182,6 +176,21 @@ class MosaicPruning(L.Callback):
                 self._compact(model)
 
         run_before(trainer.strategy, "setup", prune_and_compact)
+
+    def check_before_work(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The refusals of a ``compact_before_training`` run: its strategy, and a size target out of reach. It
+        builds the model; callbacks that work on the dense model in ``setup`` (dense perplexity, zero-shot scores)
+        call it first, so a refused run does no work at all."""
+        if deepspeed_engine_expected(trainer) or trainer.strategy.restore_checkpoint_after_setup:
+            raise ValueError(
+                f"compact_before_training=True is not supported with strategy={type(trainer.strategy).__name__} "
+                "(it shards the model before a checkpoint is restored); use a single device or DDP, or compact at "
+                "fit end with CompactOnFitEnd"
+            )
+        build_model_now(trainer, pl_module)
+        model = causal_lm(pl_module)
+        with_size_target(model, ModelAdapter(model, targets=self.config.targets, exclude=self.config.exclude),
+                         self.config)  # fmt: skip
 
     def _compact(self, model: nn.Module) -> None:
         """Remove the pruned units from ``model``: whole units only, so no mask is left to hold."""

@@ -14,7 +14,7 @@ from ..core.consolidate import consolidated_copy
 from ..core.zero import is_partitioned
 from ..evaluation.zero_shot import check_task_options, task_manager, zero_shot_accuracy
 from ..trainer_access import causal_lm, find_callback
-from .mosaic_pruning import MosaicPruning, build_model_now
+from .mosaic_pruning import MosaicPruning
 
 
 class ZeroShotAccuracy(Callback):
@@ -40,7 +40,7 @@ class ZeroShotAccuracy(Callback):
         checkpoint follows, so a resumed run of that kind scores the dense model again (the same values)."""
         pruning = find_callback(trainer, MosaicPruning)
         if stage == "fit" and pruning is not None and pruning.compact_before_training and not pruning.compacted:
-            build_model_now(trainer, pl_module)
+            pruning.check_before_work(trainer, pl_module)
             self._evaluate("dense", trainer, causal_lm(pl_module))
 
     def on_fit_start(self, trainer, pl_module) -> None:

@@ -292,8 +292,13 @@ class _DensePerplexity(Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if self._compacts_early(trainer):
-            if "ppl_compacted" not in self.cli._metrics:
-                self.cli._metrics["ppl_compacted"] = self.cli._perplexity("compacted perplexity")
+            if "ppl_compacted" in self.cli._metrics:  # restored from the checkpoint
+                return
+            if trainer.ckpt_path is not None:
+                rank_zero_warn("ppl_compacted not measured: the checkpoint holds none (its run had evaluate=false) "
+                               "and the model holds its resumed, trained weights already")  # fmt: skip
+                return
+            self.cli._metrics["ppl_compacted"] = self.cli._perplexity("compacted perplexity")
             return
         if "ppl_dense" in self.cli._metrics:  # restored from the checkpoint
             return

@@ -225,15 +225,18 @@ class MosaicCLI(LightningCLI):
     def _record_sizes(report, model: torch.nn.Module) -> None:
         """Parameters of the dense and the final model, how many of the final one are zero, and the bytes a dense
         export's weights would take at the final model's dtype, into ``report.metrics`` (the summary table's
-        before/after rows). The dense count is the final one plus what compaction removed (left out where a
-        compaction recorded no count before it)."""
+        before/after rows). The dense count is the final one plus what compaction removed, or, for a model
+        compacted before training, the plan's count of the dense model."""
         params = sum(p.numel() for p in model.parameters())
         nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
         report.metrics.update(params_export=params, nonzero_params_export=nonzero)
         metrics = report.metrics
-        if "params_after_compaction" in metrics and "params_before_compaction" not in metrics:
+        if "params_before_compaction" in metrics or "params_after_compaction" not in metrics:
+            dense = params + metrics.get("params_before_compaction", 0) - metrics.get("params_after_compaction", 0)
+        elif "params_dense" in metrics:
+            dense = metrics["params_dense"]
+        else:
             return
-        dense = params + metrics.get("params_before_compaction", 0) - metrics.get("params_after_compaction", 0)
         report.metrics.update(params_dense=dense, weights_bytes_dense=dense * next(model.parameters()).element_size())
 
     def _exported(self, report, path: Path, clock: float) -> None:

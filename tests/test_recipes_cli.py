@@ -116,4 +116,6 @@ def test_shrink_recipe_removes_structure_recovers_and_exports_a_plain_smaller_mo
 
     assert projections(model) <= 0.7 * projections(dense)
     assert model.num_parameters() == report["params_after_compaction"] == report["params_planned"]
+    assert report["params_dense"] == dense.num_parameters()
+    assert report["weights_bytes_dense"] == 4 * dense.num_parameters()  # the summary's "before" weight size
     assert all((p != 0).all() for n, p in model.named_parameters() if n.endswith("_proj.weight"))

@@ -47,12 +47,20 @@ class _Losses(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def test_distillation_loss_of_a_fit_is_the_kl_to_the_dense_model_as_loaded(tiny_model_dir):
-    """The teacher is the model as loaded (dense): after pruning, the step-0 loss is the KL between the pruned and
-    the dense model's logits on that batch, computed here from a second, unpruned load."""
+PRUNINGS = {
+    "masked": {"sparsity": 0.5},
+    "compacted before training": {"sparsity": 0.3, "structured_fraction": 1.0, "uniform_structure": True,
+                                  "whole_units": True, "compact_before_training": True},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("pruning", sorted(PRUNINGS))
+def test_distillation_loss_of_a_fit_is_the_kl_to_the_dense_model_as_loaded(tiny_model_dir, pruning):
+    """The teacher is the model as loaded (dense): after pruning, the step-0 loss is the KL between the pruned
+    (or compacted) and the dense model's logits on that batch, computed here from a second, unpruned load."""
     module = CausalLM(str(tiny_model_dir), learning_rate=1e-3, distill_weight=1.0, distill_temperature=1.5)
     losses = _Losses()
-    prune = MosaicPruning(sparsity=0.5, method="magnitude", allocation="uniform", verbose=False)
+    prune = MosaicPruning(method="magnitude", allocation="uniform", verbose=False, **PRUNINGS[pruning])
     first = next(iter(_loader()))["input_ids"]
     pruned_logits = {}
 

@@ -45,10 +45,14 @@ class UnitGroup:
         cols = sum(projections[n].out_features for n in self.cols)
         return self.size * (rows + cols)
 
-    def valid_removals(self) -> list[int]:
-        """Numbers of units that can be removed (equal per group, at least one unit kept per group)."""
+    def valid_removals(self, kept_heads: set[int] | None = None) -> list[int]:
+        """Numbers of units that can be removed (equal per group, at least one unit kept per group); for heads
+        with ``kept_heads`` (:func:`statable_head_counts`), only those that leave one of these counts."""
         per_group = self.count // self.groups
-        return [k * self.groups for k in range(per_group)]
+        removals = [k * self.groups for k in range(per_group)]
+        if self.kind == HEADS and kept_heads is not None:
+            return [n for n in removals if self.count - n in kept_heads]
+        return removals
 
 
 def attention_shape(config) -> tuple[int, int, int]:
@@ -207,8 +211,7 @@ def plan_removals(
     wanted = {g.key: fractions[g.key] * g.count for g in groups if g.kind == HEADS}
     for g in groups:
         if g.kind == HEADS:
-            options = [n for n in g.valid_removals() if kept_heads is None or g.count - n in kept_heads]
-            plan[g.key] = min(options, key=lambda n, g=g: abs(n - wanted[g.key]))
+            plan[g.key] = min(g.valid_removals(kept_heads), key=lambda n, g=g: abs(n - wanted[g.key]))
     remaining = structural_params - sum(plan[g.key] * per_unit[g.key] for g in groups if g.kind == HEADS)
     mlp = [g for g in groups if g.kind == MLP]
     if mlp:
@@ -254,8 +257,7 @@ def round_up_to_whole_units(
 
 
 def _next_removal(group: UnitGroup, current: int, kept_heads) -> int | None:
-    larger = [n for n in group.valid_removals() if n > current and (
-        group.kind != HEADS or kept_heads is None or group.count - n in kept_heads)]  # fmt: skip
+    larger = [n for n in group.valid_removals(kept_heads) if n > current]
     return min(larger) if larger else None
 
 

@@ -37,7 +37,6 @@ from ..core.masks import MaskStore
 from ..core.report import ProjectionReport, PruningReport
 from ..core.residency import BlockResidency
 from ..core.structure import (
-    HEADS,
     UnitGroup,
     check_removals,
     plan_removals,
@@ -230,10 +229,11 @@ def plan_pruning(
             f"structured_fraction={config.structured_fraction}: whole units alone remove more than "
             f"sparsity={config.sparsity}; lower structured_fraction"
         )
-    quanta = count_quanta(config.parsed_pattern, projections)
-    unstructured = exact_counts(remaining, budget.sparsity, config.sparsity, *config.bounds(), single, quanta)
     if config.whole_units:
         unstructured = dict.fromkeys(sizes, 0)
+    else:
+        quanta = count_quanta(config.parsed_pattern, projections)
+        unstructured = exact_counts(remaining, budget.sparsity, config.sparsity, *config.bounds(), single, quanta)
     counts = {k: structural.get(k, 0) + unstructured[k] for k in sizes}
     size = _planned_size(model, groups, removals, by_layer, config) if config.whole_units else {}
     if size and progress:
@@ -262,8 +262,7 @@ def with_size_target(model: nn.Module, adapter: ModelAdapter, config: PruningCon
     by_layer = _projections_by_layer(adapter)
     groups = unit_groups(adapter, config.structured_units)
     kept_heads = _kept_head_counts(model, config)
-    most = {g.key: max(n for n in g.valid_removals() if g.kind != HEADS or kept_heads is None
-                       or g.count - n in kept_heads) for g in groups}  # fmt: skip
+    most = {g.key: max(g.valid_removals(kept_heads)) for g in groups}
     smallest = dense - _removed_params(groups, most, by_layer)
     if target < smallest:
         raise ValueError(

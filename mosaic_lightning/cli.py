@@ -132,7 +132,7 @@ class MosaicCLI(LightningCLI):
         self.datamodule.setup("fit")
         self._metrics: dict[str, float] = {}
         if config.evaluate and not config.stream:  # at fit start: strategy set up (ranks share batches), nothing pruned
-            self.trainer.callbacks.insert(0, _DensePerplexity(self))
+            self.trainer.callbacks.insert(0, _PerplexityBeforeTraining(self))
 
     def fit(self, model, **kwargs) -> None:
         """``trainer.fit``, or with ``--stream true`` the streamed one-shot job (no Trainer loop: the model never
@@ -265,7 +265,7 @@ class MosaicCLI(LightningCLI):
         return value
 
 
-class _DensePerplexity(Callback):
+class _PerplexityBeforeTraining(Callback):
     """Dense perplexity at fit start, before ``MosaicPruning`` prunes: the strategy has set the model up by then
     (ZeRO-3: partitioned, forwards gather), and every rank scores its share of the batches.
 

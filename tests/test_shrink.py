@@ -80,6 +80,21 @@ def test_size_target_is_the_closest_size_not_above_it():
     assert outcome.report.metrics["params_target"] == target
 
 
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_size_target_counts_the_bias_entries_a_unit_takes_with_it(family):
+    """GPT-2 and OPT have projection biases: an MLP channel is 2 x hidden weights plus its first projection's bias
+    entry, so one channel fewer removed per layer is hidden-size steps above, and the size still the closest."""
+    model = FAMILIES[family]()
+    target = round(0.6 * model.num_parameters())
+    outcome = prune_model(model, random_batches(), _shrink(target_params=0.6), progress=False)
+    compact_model(model, outcome.structure)
+    size = model.num_parameters()
+    hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
+    channel = 2 * hidden + 1
+    assert size <= target < size + layers * channel
+    assert outcome.report.metrics["params_planned"] == size
+
+
 @pytest.mark.parametrize(
     ("target", "message"),
     [(0.9999999, r"not fewer than the dense model's"), (10**9, r"not fewer than the dense model's"),

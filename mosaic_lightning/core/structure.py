@@ -40,10 +40,13 @@ class UnitGroup:
     def key(self) -> str:
         return f"{self.layer}.{self.kind}"
 
-    def params_per_unit(self, projections: dict[str, Projection]) -> int:
+    def params_per_unit(self, projections: dict[str, Projection], with_biases: bool = False) -> int:
+        """Weights one unit takes out of its block; ``with_biases``: its bias entries too (a removed output row
+        takes its bias entry), for counting the model's parameters rather than its projection weights."""
         rows = sum(projections[n].in_features for n in self.rows)
         cols = sum(projections[n].out_features for n in self.cols)
-        return self.size * (rows + cols)
+        biases = sum(getattr(projections[n].module, "bias", None) is not None for n in self.rows) if with_biases else 0
+        return self.size * (rows + cols + biases)
 
     def valid_removals(self, kept_heads: set[int] | None = None) -> list[int]:
         """Numbers of units that can be removed (equal per group, at least one unit kept per group); for heads
@@ -233,11 +236,13 @@ def round_up_to_whole_units(
     goal: int,
     uniform: bool,
     kept_heads: Collection[int] | None = None,
+    with_biases: bool = False,
 ) -> None:
     """Add whole units to ``plan`` in place, MLP channels first, then heads, until it removes at least ``goal``
-    weights: the smallest such removal for the plan's split between heads and channels (a channel is the finer
-    step). Uniform plans grow every layer together; per-layer plans grow the layer that lost the fewest units."""
-    per_unit = {g.key: g.params_per_unit(projections[g.layer]) for g in groups}
+    weights (``with_biases``: parameters, bias entries included, for a size target): the smallest such removal for
+    the plan's split between heads and channels (a channel is the finer step). Uniform plans grow every layer
+    together; per-layer plans grow the layer that lost the fewest units."""
+    per_unit = {g.key: g.params_per_unit(projections[g.layer], with_biases) for g in groups}
     for kind in (MLP, HEADS):
         while sum(plan[g.key] * per_unit[g.key] for g in groups) < goal:
             growable = [g for g in groups if g.kind == kind and _next_removal(g, plan[g.key], kept_heads) is not None]

@@ -52,8 +52,8 @@ class PruningConfig:
             count after compaction, all parameters counted once as ``num_parameters()`` does (embeddings
             included), as a fraction of the dense model's (``0 < x < 1``) or an absolute count (``x >= 1``).
             Whole units go until the size is at or below the target (the closest size not above it for the
-            planner's split between heads and channels; units are counted by their weights, so with projection
-            biases the size can land a unit or so lower); the remainder is reported.
+            planner's split between heads and channels; a unit counts its bias entries too); the remainder is
+            reported.
         sequential: calibrate each block on the output of the blocks before it *as pruned* (as Wanda's and
             SparseGPT's reference code do; two passes per block); False uses the dense model's activations
             (one pass per block, faster, usually slightly worse; see bench/RESULTS.md, section 'Calibration

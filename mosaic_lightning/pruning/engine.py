@@ -219,7 +219,8 @@ def plan_pruning(
                 groups, by_layer, budget.ratios, target, config.uniform_structure, config.structure_lambda, kept_heads
             )
         if config.whole_units:
-            round_up_to_whole_units(removals, groups, by_layer, goal, config.uniform_structure, kept_heads)
+            sized = config.target_params is not None  # a size counts the bias entries a unit takes with it
+            round_up_to_whole_units(removals, groups, by_layer, goal, config.uniform_structure, kept_heads, sized)
         check_removals(groups, removals, f"allocation {config.allocation.label!r}")
         structural = structural_counts(groups, removals, by_layer)
     remaining = {k: n - structural.get(k, 0) for k, n in sizes.items()}
@@ -284,13 +285,8 @@ def _kept_head_counts(model: nn.Module, config: PruningConfig) -> set[int] | Non
 
 
 def _removed_params(groups: list[UnitGroup], removals: dict[str, int], by_layer) -> int:
-    """Weights and biases that ``removals`` takes out of the model (a removed output row takes its bias entry)."""
-    removed = sum(structural_counts(groups, removals, by_layer).values())
-    for g in groups:
-        for name in g.rows:
-            if getattr(by_layer[g.layer][name].module, "bias", None) is not None:
-                removed += removals[g.key] * g.size
-    return removed
+    """Weights and biases that ``removals`` takes out of the model."""
+    return sum(removals[g.key] * g.params_per_unit(by_layer[g.layer], with_biases=True) for g in groups)
 
 
 def _planned_size(model, groups: list[UnitGroup], removals, by_layer, config: PruningConfig) -> dict:

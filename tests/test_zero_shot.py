@@ -182,6 +182,47 @@ def test_dense_accuracy_of_a_run_compacting_before_training_is_the_dense_models(
     assert accuracy.results["tiny_ll"]["dense"]["perplexity"] == pytest.approx(expected)
 
 
+def test_a_resumed_run_compacting_before_training_keeps_its_dense_scores(
+    tmp_path, tiny_model_dir, tiny_lm, monkeypatch
+):
+    """The resumed run is compacted from its checkpoint: lm-eval runs only on the final model, and the dense
+    scores are the first run's, from the checkpoint."""
+    import lightning as L
+
+    import mosaic_lightning.callbacks.zero_shot as zero_shot_callback
+    from mosaic_lightning import CausalLM, MosaicPruning, TextDataModule
+    from mosaic_lightning.callbacks.zero_shot import ZeroShotAccuracy
+
+    scored: list[int] = []
+    real = zero_shot_callback.zero_shot_accuracy
+
+    def counting(model, *args, **kwargs):
+        scored.append(model.num_parameters())
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(zero_shot_callback, "zero_shot_accuracy", counting)
+    train, test = write_text_files(tmp_path)
+    include = str(write_loglikelihood_task(tmp_path / "tasks"))
+
+    def fit(max_steps: int, ckpt_path=None):
+        data = TextDataModule(str(tiny_model_dir), str(train), str(test), seq_len=32, batch_size=2,
+                              num_calibration_samples=4, max_eval_windows=2)  # fmt: skip
+        accuracy = ZeroShotAccuracy(["tiny_ll"], include)
+        pruning = MosaicPruning(sparsity=0.5, method="magnitude", allocation="uniform", structured_fraction=1.0,
+                                uniform_structure=True, whole_units=True, compact_before_training=True)  # fmt: skip
+        trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, callbacks=[accuracy, pruning], logger=False,
+                            default_root_dir=tmp_path, enable_progress_bar=False,
+                            enable_model_summary=False)  # fmt: skip
+        trainer.fit(CausalLM(str(tiny_model_dir)), data, ckpt_path=ckpt_path)
+        return accuracy
+
+    first = fit(2)
+    assert scored == [tiny_lm[0].num_parameters()]  # the dense model, before the prune
+    resumed = fit(3, next(tmp_path.rglob("*.ckpt")))
+    assert len(scored) == 1  # nothing scored on resume: this test calls no evaluate_pruned
+    assert resumed.results["tiny_ll"]["dense"] == first.results["tiny_ll"]["dense"]
+
+
 def _cli(tmp_path: Path, model_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     train, test = write_text_files(tmp_path)
     return subprocess.run(

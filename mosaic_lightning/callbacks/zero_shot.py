@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_warn
@@ -14,12 +14,12 @@ from ..core.consolidate import consolidated_copy
 from ..core.zero import is_partitioned
 from ..evaluation.zero_shot import check_task_options, task_manager, zero_shot_accuracy
 from ..trainer_access import causal_lm, find_callback
-from .mosaic_pruning import MosaicPruning
+from .mosaic_pruning import MosaicPruning, run_before
 
 
 class ZeroShotAccuracy(Callback):
-    """lm-eval accuracy of the dense model at fit start (insert it before ``MosaicPruning``; in ``setup`` where
-    the model is compacted before training) and, through
+    """lm-eval accuracy of the dense model at fit start (insert it before ``MosaicPruning``; right before the
+    prune where the model is compacted before training) and, through
     :meth:`evaluate_pruned`, of the final model; ``results`` is ``{task: {"dense": metrics, "pruned": metrics}}``.
 
     Only global rank 0 runs lm-eval (the others wait at a barrier), so no rank repeats another's work. Under
@@ -33,18 +33,23 @@ class ZeroShotAccuracy(Callback):
         self.limit = limit
         self.results: dict[str, dict[str, dict]] = {}
         self.seconds: dict[str, float] = {}
+        self._undo_hook: Callable[[], None] = lambda: None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         """A run that compacts before training (``MosaicPruning(compact_before_training=True)``) prunes before fit
-        start, so its dense model is scored here, as loaded. A callback cannot tell in ``setup`` whether a
-        checkpoint follows, so a resumed run of that kind scores the dense model again (the same values)."""
+        start, after any checkpoint is restored, so its dense model is scored right before that prune. A resumed
+        run is compacted from its checkpoint without a prune, and its dense scores come with the checkpoint."""
         pruning = find_callback(trainer, MosaicPruning)
         if stage == "fit" and pruning is not None and pruning.compact_before_training and not pruning.compacted:
             pruning.check_before_work(trainer, pl_module)
-            self._evaluate("dense", trainer, causal_lm(pl_module))
+            self._undo_hook = run_before(pruning, "prune", self._score_dense_before_prune)
+
+    def _score_dense_before_prune(self, trainer, model: nn.Module, *_) -> None:
+        self._evaluate("dense", trainer, model)
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        if any("dense" in phases for phases in self.results.values()):  # measured in setup or restored
+        self._undo_hook()  # the prune before training is done, or was not needed (resumed)
+        if any("dense" in phases for phases in self.results.values()):  # measured before the prune, or restored
             return
         if trainer.ckpt_path is not None and not trainer.strategy.restore_checkpoint_after_setup:
             rank_zero_warn("dense zero-shot accuracy not measured: the checkpoint holds none and the model holds "

@@ -110,15 +110,30 @@ def _speed(exports: dict[str, str], repeats: int) -> dict[str, dict]:
 
 
 def _table(results: dict, speed: dict) -> str:
-    lines = ["| row | train tokens | one-shot ppl | ppl | params | file MB | decode b1 x | decode b8 x | prefill x |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| row | train tokens | one-shot ppl | ppl | params | file MB | decode b1 x | decode b8 x | prefill x | "
+             "inference peak MB | run s | run peak GB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for name, r in results.items():
         s = speed.get(name, {})
         ratios = s.get("x_dense", {})
         one_shot = f"{r['ppl_one_shot']:.2f}" if r.get("ppl_one_shot") else "-"
         lines.append(f"| {name} | {r['train_tokens']:,} | {one_shot} | {r['ppl']:.2f} | {s.get('params', 0):,} | "
                      f"{s.get('file_mb') or 0:.0f} | {ratios.get('decode_b1_tok_s', 0):.2f} | "
-                     f"{ratios.get('decode_b8_tok_s', 0):.2f} | {ratios.get('prefill_tok_s', 0):.2f} |")  # fmt: skip
+                     f"{ratios.get('decode_b8_tok_s', 0):.2f} | {ratios.get('prefill_tok_s', 0):.2f} | "
+                     f"{s.get('peak_rss_mb', 0):,.0f} | {r['run_wall_s']:,.0f} | "
+                     f"{r['run_peak_rss_mb'] / 1024:.1f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _curve_table(results: dict) -> str:
+    """Held-out perplexity of every recovered row at each validation point (training tokens)."""
+    recovered = {name: dict(r["curve"]) for name, r in results.items() if r["curve"]}
+    tokens = sorted({t for points in recovered.values() for t in points})
+    lines = ["| row | " + " | ".join(f"{t // 1000}k" for t in tokens) + " |",
+             "| --- |" + " ---: |" * len(tokens)]  # fmt: skip
+    for name, points in recovered.items():
+        cells = [f"{points[t]:.2f}" if t in points else "-" for t in tokens]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -148,6 +163,7 @@ def main() -> None:
         print(json.dumps({name: {k: v for k, v in results[name].items() if k != "curve"}}), flush=True)
     speed = _speed({n: r["export"] for n, r in results.items()}, args.repeats) if args.repeats else {}
     print(_table(results, speed))
+    print(_curve_table(results))
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "results": results, "speed": speed}, indent=2))

@@ -80,19 +80,33 @@ def test_size_target_is_the_closest_size_not_above_it():
     assert outcome.report.metrics["params_target"] == target
 
 
-@pytest.mark.parametrize("family", ["gpt2", "opt"])
-def test_size_target_counts_the_bias_entries_a_unit_takes_with_it(family):
+@pytest.mark.parametrize(("family", "fraction"), [("gpt2", 0.8), ("gpt2", 0.45), ("opt", 0.8), ("opt", 0.6)])
+def test_size_target_counts_the_bias_entries_a_unit_takes_with_it(family, fraction):
     """GPT-2 and OPT have projection biases: an MLP channel is 2 x hidden weights plus its first projection's bias
-    entry, so one channel fewer removed per layer is hidden-size steps above, and the size still the closest."""
+    entry, so the size is the closest not above the target only if the plan counts those entries too (GPT-2 at
+    0.45 removes more than 2 x hidden channels per layer, where weights-only planning is a channel per layer off
+    even with the rounding up counting them)."""
     model = FAMILIES[family]()
-    target = round(0.6 * model.num_parameters())
-    outcome = prune_model(model, random_batches(), _shrink(target_params=0.6), progress=False)
+    target = round(fraction * model.num_parameters())
+    outcome = prune_model(model, random_batches(), _shrink(target_params=fraction), progress=False)
     compact_model(model, outcome.structure)
     size = model.num_parameters()
     hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
     channel = 2 * hidden + 1
     assert size <= target < size + layers * channel
     assert outcome.report.metrics["params_planned"] == size
+
+
+@pytest.mark.parametrize("fraction", [0.8, 0.45])
+def test_a_per_layer_size_target_is_within_one_channel_of_it(fraction):
+    """The energy allocation gives each layer its own size; with biases counted, one more channel kept anywhere
+    would be above the target."""
+    model = make_gpt2()
+    target = round(fraction * model.num_parameters())
+    config = _shrink(target_params=fraction, allocation="energy", uniform_structure=False)
+    compact_model(model, prune_model(model, random_batches(), config, progress=False).structure)
+    size = model.num_parameters()
+    assert size <= target < size + 2 * model.config.hidden_size + 1
 
 
 @pytest.mark.parametrize(

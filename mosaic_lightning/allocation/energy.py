@@ -13,7 +13,8 @@ The paper's abstract gives the softmax form; the energy and every constant are t
   divided by their mean over the groups of the same kind, so ``T`` is unit-free and channels and heads compare.
 - **Softmax and exact total.** ``r_g = min(c * exp(-E_g / T), cap_g)``, with ``c`` solved by bisection so that
   ``sum_g r_g * count_g * params_per_unit_g`` equals the structural target ``round(structured_fraction *
-  sparsity * targeted weights)``; ``cap_g`` = ``max_ratio``, and at least one unit per (key/value) group stays.
+  sparsity * targeted weights)`` (for a size target, ``params_per_unit_g`` counts the bias entries a unit takes
+  with it); ``cap_g`` = ``max_ratio``, and at least one unit per (key/value) group stays.
   ``T -> inf`` is uniform, ``T -> 0`` strips the lowest-energy layers first.
 - **Integers.** Heads are coarse (a removal is one head per key/value group), so they are rounded first to the
   nearest valid count (stepping down the most rounded-up ones while they overshoot); MLP channels are re-solved
@@ -55,7 +56,8 @@ class EnergySoftmax(Allocation):
         config = _check_config(context.config)
         groups = unit_groups(context.adapter, config.structured_units)
         by_layer = {g.layer: {p.name: p for p in context.adapter.projections(g.layer)} for g in groups}
-        per_unit = {g.key: g.params_per_unit(by_layer[g.layer]) for g in groups}
+        sized = config.target_params is not None  # a size counts the bias entries a unit takes with it
+        per_unit = {g.key: g.params_per_unit(by_layer[g.layer], sized) for g in groups}
         goal = round(target * sum(p.numel for p in context.projections))
         structural = round(config.structured_fraction * goal)
         scaled_ratios(groups, per_unit, dict.fromkeys(per_unit, 1.0), structural, self.max_ratio)  # feasible? first

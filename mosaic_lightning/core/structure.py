@@ -190,8 +190,10 @@ def plan_removals(
     uniform: bool,
     lam: float,
     kept_heads: Collection[int] | None = None,
+    with_biases: bool = False,
 ) -> dict[str, int]:
-    """How many units each group loses so that about ``structural_params`` weights go structurally.
+    """How many units each group loses so that about ``structural_params`` weights go structurally
+    (``with_biases``: parameters, bias entries included, for a size target).
 
     Groups with fewer outliers (robust) lose more, by OWL's rule applied to unit groups. Heads are coarse
     (a head is ``head_dim`` rows), so they are rounded first and MLP channels absorb the difference. With
@@ -201,7 +203,7 @@ def plan_removals(
     The plan never removes more than ``structural_params``: single weights fill the gap, or
     :func:`round_up_to_whole_units` adds units.
     """
-    per_unit = {g.key: g.params_per_unit(projections[g.layer]) for g in groups}
+    per_unit = {g.key: g.params_per_unit(projections[g.layer], with_biases) for g in groups}
     ratios = {g.key: _group_ratio(g, projections[g.layer], outlier_ratios) for g in groups}
     if uniform:
         for kind in UNIT_KINDS:
@@ -255,8 +257,9 @@ def round_up_to_whole_units(
                 plan[g.key] = _next_removal(g, plan[g.key], kept_heads)
     removed = sum(plan[g.key] * per_unit[g.key] for g in groups)
     if removed < goal:
+        what = "parameters" if with_biases else "weights"
         raise ValueError(
-            f"whole units can remove at most {removed:,} weights here, fewer than the {goal:,} asked for; ask for a "
+            f"whole units can remove at most {removed:,} {what} here, fewer than the {goal:,} asked for; ask for a "
             "smaller reduction or add unit kinds"
         )
 

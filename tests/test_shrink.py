@@ -220,6 +220,18 @@ def test_resuming_with_other_pruning_options_is_refused_naming_them(tmp_path):
         _trainer(4, other).fit(TinyLM(make_llama, lr=1e-3), ResumableBatches(), ckpt_path=checkpoint)
 
 
+def test_a_checkpoint_from_before_an_option_existed_resumes_with_its_default():
+    """A checkpoint written before ``whole_units`` and ``target_params`` existed had their defaults; it resumes
+    into a callback left at those defaults and is refused, naming the option, by one that sets another value."""
+    state = MosaicPruning(sparsity=0.5, method="wanda").state_dict()
+    for newer in ("whole_units", "target_params"):
+        del state["config"][newer]
+    MosaicPruning(sparsity=0.5, method="wanda").load_state_dict(state)
+    shrinking = MosaicPruning(sparsity=0.5, method="wanda", structured_fraction=1.0, whole_units=True)
+    with pytest.raises(ValueError, match=r"whole_units=False there, True here"):
+        shrinking.load_state_dict(state)
+
+
 def test_a_size_target_prunes_once():
     from mosaic_lightning.schedules import Gradual
 

@@ -320,11 +320,13 @@ class MosaicPruning(L.Callback):
 
 def _check_same_config(saved: dict | None, current: dict) -> None:
     """A resumed run holds the checkpoint's pruning; options that differ from it would be reported and exported
-    as if they had made it."""
-    if saved is None or saved == current:
+    as if they had made it. An option the checkpoint's version did not have yet had its default then."""
+    if saved is None:
         return
-    differ = [f"{key}={saved.get(key)!r} there, {current.get(key)!r} here"
-              for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]  # fmt: skip
+    saved = {**PruningConfig().to_dict(), **saved}
+    differ = [f"{key}={saved[key]!r} there, {value!r} here" for key, value in current.items() if saved[key] != value]
+    if not differ:
+        return
     raise ValueError(
         f"the checkpoint was pruned with other MosaicPruning options ({'; '.join(differ)}): resume with the "
         "options of the run that wrote it"

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..allocation import AllocationContext, count_quanta, exact_counts
+from ..allocation import AllocationContext, Budget, count_quanta, exact_counts
 from ..calibration.block import BlockContext, InputStream, PruneResult, parameter_values
 from ..calibration.stats import sum_over_ranks
 from ..core.adapters import ModelAdapter, Projection
@@ -222,23 +222,35 @@ def plan_pruning(
             round_up_to_whole_units(removals, groups, by_layer, goal, config.uniform_structure, kept_heads, sized)
         check_removals(groups, removals, f"allocation {config.allocation.label!r}")
         structural = structural_counts(groups, removals, by_layer)
-    remaining = {k: n - structural.get(k, 0) for k, n in sizes.items()}
-    single = 0 if config.whole_units else goal - sum(structural.values())
-    if single < 0:
-        raise ValueError(
-            f"structured_fraction={config.structured_fraction}: whole units alone remove more than "
-            f"sparsity={config.sparsity}; lower structured_fraction"
-        )
     if config.whole_units:
         unstructured = dict.fromkeys(sizes, 0)
     else:
-        quanta = count_quanta(config.parsed_pattern, projections)
-        unstructured = exact_counts(remaining, budget.sparsity, config.sparsity, *config.bounds(), single, quanta)
+        unstructured = _single_weight_counts(config, budget, projections, sizes, structural, goal)
     counts = {k: structural.get(k, 0) + unstructured[k] for k in sizes}
     size = _planned_size(model, groups, removals, by_layer, config) if config.whole_units else {}
     if size and progress:
         tqdm.write(describe_size(size))
     return Plan(counts, unstructured, budget.ratios, groups, removals, budget.details, size)
+
+
+def _single_weight_counts(
+    config: PruningConfig,
+    budget: Budget,
+    projections: list[Projection],
+    sizes: dict[str, int],
+    structural: dict[str, int],
+    goal: int,
+) -> dict[str, int]:
+    """Single weights each projection loses on top of its whole units, so the total is exactly ``goal``."""
+    single = goal - sum(structural.values())
+    if single < 0:
+        raise ValueError(
+            f"structured_fraction={config.structured_fraction}: whole units alone remove more than "
+            f"sparsity={config.sparsity}; lower structured_fraction"
+        )
+    remaining = {k: n - structural.get(k, 0) for k, n in sizes.items()}
+    quanta = count_quanta(config.parsed_pattern, projections)
+    return exact_counts(remaining, budget.sparsity, config.sparsity, *config.bounds(), single, quanta)
 
 
 def parameter_count(model: nn.Module) -> int:

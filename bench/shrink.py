@@ -145,6 +145,7 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=64)
     parser.add_argument("--runs", default=",".join(RUNS), help=f"from {', '.join([*RUNS, *ONE_SHOT])}")
     parser.add_argument("--repeats", type=int, default=3, help="speed repeats per export")
+    parser.add_argument("--measure", default=None, help="rows whose exports are timed, comma-separated (default: all)")
     parser.add_argument("--work", default="bench/out/shrink")
     parser.add_argument("--out", default="bench/out/shrink.json")
     parser.add_argument("--merge", nargs="*", default=[],
@@ -161,7 +162,11 @@ def main() -> None:
     for name in names:
         results[name] = _train(name, args, work)
         print(json.dumps({name: {k: v for k, v in results[name].items() if k != "curve"}}), flush=True)
-    speed = _speed({n: r["export"] for n, r in results.items()}, args.repeats) if args.repeats else {}
+    timed = args.measure.split(",") if args.measure is not None else list(results)
+    unknown = sorted(set(timed) - set(results))
+    if unknown:
+        raise SystemExit(f"--measure: no such rows {unknown}; rows here: {', '.join(results)}")
+    speed = _speed({n: results[n]["export"] for n in timed}, args.repeats) if args.repeats else {}
     print(_table(results, speed))
     print(_curve_table(results))
     out = pathlib.Path(args.out)

@@ -56,8 +56,7 @@ class EnergySoftmax(Allocation):
         config = _check_config(context.config)
         groups = unit_groups(context.adapter, config.structured_units)
         by_layer = {g.layer: {p.name: p for p in context.adapter.projections(g.layer)} for g in groups}
-        sized = config.target_params is not None  # a size counts the bias entries a unit takes with it
-        per_unit = {g.key: g.params_per_unit(by_layer[g.layer], sized) for g in groups}
+        per_unit = {g.key: g.params_per_unit(by_layer[g.layer], config.counts_biases) for g in groups}
         goal = round(target * sum(p.numel for p in context.projections))
         structural = round(config.structured_fraction * goal)
         scaled_ratios(groups, per_unit, dict.fromkeys(per_unit, 1.0), structural, self.max_ratio)  # feasible? first

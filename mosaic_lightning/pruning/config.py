@@ -173,6 +173,11 @@ class PruningConfig:
             return 0.0, 1.0
         return self.min_sparsity, self.max_sparsity
 
+    @property
+    def counts_biases(self) -> bool:
+        """A size target counts the model's parameters, so a removed unit's bias entries count with its weights."""
+        return self.target_params is not None
+
     def target_param_count(self, dense_params: int) -> int | None:
         """``target_params`` as a parameter count: a fraction of ``dense_params``, or the count itself."""
         if self.target_params is None:

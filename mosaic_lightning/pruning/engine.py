@@ -213,13 +213,14 @@ def plan_pruning(
     if groups:
         target = round(config.structured_fraction * goal)
         kept_heads = _kept_head_counts(model, config)
-        sized = config.target_params is not None  # a size counts the bias entries a unit takes with it
         removals = budget.unit_removals  # an allocation may plan the units itself (StructPrune's energy softmax)
         if removals is None:
             removals = plan_removals(groups, by_layer, budget.ratios, target, config.uniform_structure,
-                                     config.structure_lambda, kept_heads, sized)  # fmt: skip
+                                     config.structure_lambda, kept_heads, config.counts_biases)  # fmt: skip
         if config.whole_units:
-            round_up_to_whole_units(removals, groups, by_layer, goal, config.uniform_structure, kept_heads, sized)
+            round_up_to_whole_units(
+                removals, groups, by_layer, goal, config.uniform_structure, kept_heads, config.counts_biases
+            )
         check_removals(groups, removals, f"allocation {config.allocation.label!r}")
         structural = structural_counts(groups, removals, by_layer)
     if config.whole_units:

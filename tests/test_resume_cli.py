@@ -1,6 +1,8 @@
 """Resuming through the CLI: ``train.py fit --ckpt_path <mid-run checkpoint>`` finishes the run and exports exactly
 what the uninterrupted run exports (masks identical, weights equal, the same ``pruning_report.json`` apart from
-timings), for one-shot + fine-tuning, LoRA recovery, Gradual and ADMM, also after the process was SIGKILLed.
+timings), for one-shot + fine-tuning, LoRA recovery, Gradual, ADMM and structure removal with distillation (the
+resumed run reports the dense and compacted perplexities its first run measured), also after the process was
+SIGKILLed.
 
 The training text is 6 batches per epoch, so a resume from step 3 starts mid-epoch and crosses an epoch boundary;
 the learning rate is high enough that a different batch order shows in the weights.
@@ -28,6 +30,7 @@ RECIPES = {
     "mosaic-gradual-70": ["--pruning.schedule.init_args.end_step", "8", "--pruning.schedule.init_args.every_n_steps",
                           "2", "--pruning.schedule.init_args.calibration_batches", "2"],
     "admm-80": ["--pruning.schedule.init_args.projection_every", "2"],
+    "shrink-30": [],  # compacted before training, distilled from the dense model; resumed into compacted shapes
 }  # fmt: skip
 CHECKPOINT_EVERY_3_STEPS = [
     "--trainer.enable_checkpointing", "true", "--trainer.callbacks+=ModelCheckpoint",
@@ -85,6 +88,8 @@ def assert_same_export(expected: Path, actual: Path) -> None:
     reports = [json.loads((d / "pruning_report.json").read_text()) for d in (expected, actual)]
     assert _comparable(reports[1]) == _comparable(reports[0])
     assert "ppl_dense" in reports[1] and "ppl_pruned" in reports[1]
+    if "params_after_compaction" in reports[0]:  # compacted before training: restored from the checkpoint
+        assert "ppl_compacted" in reports[1]
     for name in ("config.json", "generation_config.json", "tokenizer.json"):
         assert (actual / name).read_bytes() == (expected / name).read_bytes(), name
 

@@ -3,7 +3,7 @@ calibration tokens at the expense of the text it never saw?
 
     python bench/holdout_error.py --layers 3 15 27 --sparsities 0.7 0.8 --out bench/out/holdout-error.json
 
-Issue #10's open question: SparseLLM (refits of up/gate/down on the calibration tokens) is behind SparseGPT at 70%
+The open question: SparseLLM (refits of up/gate/down on the calibration tokens) is behind SparseGPT at 70%
 but ahead at 80-90%. For each layer ``L``, a fresh SmolLM2-135M has only block ``L`` pruned (``targets``: that
 block's seven projections; every other block dense), calibrated as ``bench/quality.py`` calibrates (32 x 512
 tokens from the first 80 articles). The MLP's relative output error ``||mlp(x) - mlp_dense(x)||^2 /

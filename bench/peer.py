@@ -1,4 +1,4 @@
-"""Ours beside llm-compressor on the same inputs: time, peak RSS, masks and perplexity (issue #14).
+"""Ours beside llm-compressor on the same inputs: time, peak RSS, masks and perplexity.
 
     python -m venv --system-site-packages /work/llmc-venv
     /work/llmc-venv/bin/pip install llmcompressor==0.14.0.1

@@ -46,7 +46,7 @@ SEQUENTIAL = [(s, m, q) for s in (0.5, 0.7) for m in ("wanda", "sparsegpt") for 
 ORDER = [(s, m, t) for s in (0.5, 0.7) for m in ("wanda", "sparsegpt") for t in (False, True)]
 # MSP N:M suite: at a 75% mean with M = 8, uniform 2:8 vs MSP's per-layer N ("mixed:8").
 MSP_NM = [("uniform", "2:8"), ("msp", "mixed:8")]
-# Allocation suite (issue "methods as plugins"): uniform vs OWL vs published Mosaic, x Wanda / SparseGPT, 50-80%.
+# Allocation suite: uniform vs OWL vs published Mosaic, x Wanda / SparseGPT, 50-80%.
 ALLOCATION = [
     (s, a, m) for s in (0.5, 0.6, 0.7, 0.8) for a in ("uniform", "owl", "mosaic") for m in ("wanda", "sparsegpt")
 ]
@@ -61,7 +61,7 @@ MSP_ROWS = [(s, m, a) for s in (0.7, 0.75, 0.8) for m in ("wanda", "sparsegpt") 
 # StructPrune suite: structured only (structured_fraction=1), per-layer sizes; StructPrune (ADMM mask + refit, energy
 # softmax) vs today's planner (Wanda unit scores, OWL rule on unit groups), at equal parameters removed.
 STRUCTPRUNE = [(s, m, a) for s in (0.3, 0.5) for m, a in (("structprune", "energy"), ("wanda", "owl"))]
-# Accuracy suite (issue "ecosystem", with --tasks): Wanda / SparseGPT / Mosaic at 50%, and composite (Mosaic, 62% of
+# Accuracy suite (with --tasks): Wanda / SparseGPT / Mosaic at 50%, and composite (Mosaic, 62% of
 # the removed weights as whole units) vs structured-only at 30% and 50% of projection weights removed.
 ACCURACY = [(0.5, m, a, 0.0) for m, a in (("wanda", "uniform"), ("sparsegpt", "uniform"), ("sparsegpt", "mosaic"))]
 ACCURACY += [(s, "wanda", "mosaic", f) for s in (0.3, 0.5) for f in (0.62, 1.0)]

@@ -13,7 +13,7 @@ uniform; ``structprune`` runs structured only, as its recipe: ``structprune@ener
         --out bench/out/speed-stream.json
 
 ``forward`` is one plain forward pass of the full model (logits included) over the calibration batches as the
-pruner gets them (4 sequences each); ``forward1`` the same tokens one sequence at a time (issue #14's baseline,
+pruner gets them (4 sequences each); ``forward1`` the same tokens one sequence at a time (the baseline
 "batch 1, full model"). Both ratios are printed where both kinds ran.
 
 Each measurement runs in a fresh subprocess so that its peak RSS is its own. Times exclude model loading.

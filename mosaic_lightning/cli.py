@@ -11,6 +11,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .callbacks import CompactOnFitEnd, MosaicPruning
 from .callbacks.compact_on_fit_end import final_model
+from .callbacks.mosaic_pruning import run_before
 from .callbacks.zero_shot import ZeroShotAccuracy
 from .console import TRACEBACK_ENV, one_line, quiet_dependencies, reported_errors, run_summary, weight_bytes
 from .core.assets import local_model_dir
@@ -269,8 +271,9 @@ class _PerplexityBeforeTraining(Callback):
     """Dense perplexity at fit start, before ``MosaicPruning`` prunes: the strategy has set the model up by then
     (ZeRO-3: partitioned, forwards gather), and every rank scores its share of the batches.
 
-    A run that compacts before training prunes before fit start, so its dense perplexity is measured in ``setup``
-    and the compacted model's (``ppl_compacted``, before any training) at fit start.
+    A run that compacts before training prunes before fit start, after any checkpoint is restored, so its dense
+    perplexity is measured right before that prune, and the compacted model's (``ppl_compacted``, before any
+    training) at fit start.
 
     The values travel in checkpoints: a resumed run holds pruned weights at fit start, so it reports the dense
     perplexity its first run measured instead of scoring the pruned model as dense.
@@ -280,20 +283,22 @@ class _PerplexityBeforeTraining(Callback):
 
     def __init__(self, cli: MosaicCLI) -> None:
         self.cli = cli
+        self._undo_hook: Callable[[], None] = lambda: None
 
     def _compacts_early(self, trainer) -> bool:
         pruning = find_callback(trainer, MosaicPruning)
         return pruning is not None and pruning.compact_before_training
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        resumed = bool(self.cli.config[self.cli.subcommand].get("ckpt_path"))
-        if stage != "fit" or not self._compacts_early(trainer) or resumed:
+        if stage != "fit" or not self._compacts_early(trainer):
             return
-        find_callback(trainer, MosaicPruning).check_before_work(trainer, pl_module)
-        causal_lm(pl_module).to(trainer.strategy.root_device)
+        self._undo_hook = run_before(find_callback(trainer, MosaicPruning), "prune", self._score_dense_before_prune)
+
+    def _score_dense_before_prune(self, *_) -> None:
         self.cli._metrics["ppl_dense"] = self.cli._perplexity("dense perplexity")
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        self._undo_hook()  # the prune before training is done, or was not needed (resumed)
         if self._compacts_early(trainer):
             if "ppl_compacted" in self.cli._metrics:  # restored from the checkpoint
                 return

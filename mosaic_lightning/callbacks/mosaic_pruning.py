@@ -164,7 +164,7 @@ class MosaicPruning(L.Callback):
         ``strategy.setup`` is preceded, once, by the prune and compaction of a fresh run."""
         if stage != "fit" or not self.compact_before_training or self.compacted:
             return
-        self.check_before_work(trainer, pl_module)
+        self._check_before_work(trainer, pl_module)
         restore_load_hook = run_before(pl_module, "on_load_checkpoint", lambda ck: self._compact_like(pl_module, ck))
 
         def prune_and_compact(*_) -> None:
@@ -177,10 +177,10 @@ class MosaicPruning(L.Callback):
 
         run_before(trainer.strategy, "setup", prune_and_compact)
 
-    def check_before_work(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _check_before_work(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The refusals of a ``compact_before_training`` run: its strategy, and a size target out of reach. It
-        builds the model; callbacks that work on the dense model in ``setup`` (dense perplexity, zero-shot scores)
-        call it first, so a refused run does no work at all."""
+        builds the model. It runs in ``setup``, before any callback's work on the dense model: those (dense
+        perplexity, zero-shot scores) hook the prune, which comes after every callback's ``setup``."""
         if deepspeed_engine_expected(trainer) or trainer.strategy.restore_checkpoint_after_setup:
             raise ValueError(
                 f"compact_before_training=True is not supported with strategy={type(trainer.strategy).__name__} "
@@ -353,19 +353,26 @@ def deepspeed_engine_expected(trainer: L.Trainer) -> bool:
 
 def run_before(owner: object, name: str, action: Callable[..., None]) -> Callable[[], None]:
     """Make ``owner.<name>`` run ``action`` with the same arguments first, once, then be itself again; returns
-    a function that undoes it if the call never came."""
+    a function that undoes it if the call never came. Undoing twice, or after the call, does nothing; a wrapper
+    that another one has wrapped since stays in that chain but no longer acts."""
     had_own = name in vars(owner)
     original = getattr(owner, name)
+    pending = True
 
     def restore() -> None:
+        nonlocal pending
+        pending = False
+        if vars(owner).get(name) is not wrapper:
+            return
         if had_own:
             setattr(owner, name, original)
-        elif name in vars(owner):
+        else:
             delattr(owner, name)
 
     def wrapper(*args, **kwargs):
-        restore()
-        action(*args, **kwargs)
+        if pending:
+            restore()
+            action(*args, **kwargs)
         return original(*args, **kwargs)
 
     setattr(owner, name, wrapper)

@@ -41,7 +41,6 @@ class ZeroShotAccuracy(Callback):
         run is compacted from its checkpoint without a prune, and its dense scores come with the checkpoint."""
         pruning = find_callback(trainer, MosaicPruning)
         if stage == "fit" and pruning is not None and pruning.compact_before_training and not pruning.compacted:
-            pruning.check_before_work(trainer, pl_module)
             self._undo_hook = run_before(pruning, "prune", self._score_dense_before_prune)
 
     def _score_dense_before_prune(self, trainer, model: nn.Module, *_) -> None:

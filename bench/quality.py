@@ -215,10 +215,11 @@ def spread(results: list[dict]) -> list[dict]:
 
 def spread_table(paths: list[str]) -> str:
     """Markdown: one line per cell of the given JSON files, perplexity mean [min, max] over the draws, wall seconds
-    per draw (prune + held-out perplexity), and each file's campaign CPU and wall time."""
+    per draw (prune + held-out perplexity), each file's campaign CPU and wall time, and the orderings that hold on
+    every draw."""
     lines = ["| method | allocation | sparsity | draws | ppl mean | min | max | wall s per draw |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
-    notes = []
+    notes, cells = [], []
     for path in paths:
         data = json.loads(pathlib.Path(path).read_text())
         for c in data["cells"]:
@@ -226,7 +227,40 @@ def spread_table(paths: list[str]) -> str:
             lines.append(f"| {c['method']} | {c['allocation']} | {c['sparsity']:.0%} | {c['draws']} | "
                          f"{c['ppl_mean']:.2f} | {c['ppl_min']:.2f} | {c['ppl_max']:.2f} | {walls} |")  # fmt: skip
         notes.append(f"{path}: campaign {data['cpu_s']:.0f} s CPU, {data['wall_s']:.0f} s wall")
-    return "\n".join(lines + [""] + notes)
+        cells.extend(data["cells"])
+    return "\n".join(lines + [""] + notes + [""] + orderings(cells))
+
+
+def orderings(cells: list[dict]) -> list[str]:
+    """Per sparsity and pattern: the cells by mean perplexity, each neighbour pair joined by ``<`` where the lower
+    one is lower on every draw both ran (seeds matched) and by ``~`` where some draw reverses it ("within the
+    spread"); then every pair, neighbours or not, that holds on every draw. Cells of one draw take no part: one
+    draw states no ordering."""
+    groups: dict[tuple, list[dict]] = {}
+    for c in cells:
+        if c["draws"] > 1:
+            groups.setdefault((c["sparsity"], c["pattern"]), []).append(c)
+    lines = []
+    for (sparsity, pattern), group in sorted(groups.items()):
+        group.sort(key=lambda c: c["ppl_mean"])
+        chain = _label(group[0])
+        for lower, higher in zip(group, group[1:], strict=False):
+            chain += f" {'<' if _lower_on_every_draw(lower, higher) else '~'} {_label(higher)}"
+        held = [f"{_label(a)} < {_label(b)}" for i, a in enumerate(group) for b in group[i + 1 :]
+                if _lower_on_every_draw(a, b)]  # fmt: skip
+        lines += [f"{sparsity:.0%} {pattern}: {chain}", f"  on every draw: {'; '.join(held) or 'none'}"]
+    return lines
+
+
+def _label(cell: dict) -> str:
+    return f"{cell['method']} {cell['allocation']}"
+
+
+def _lower_on_every_draw(lower: dict, higher: dict) -> bool:
+    a = dict(zip(lower["seeds"], lower["ppl"], strict=True))
+    b = dict(zip(higher["seeds"], higher["ppl"], strict=True))
+    common = a.keys() & b.keys()
+    return len(common) > 1 and all(a[seed] < b[seed] for seed in common)
 
 
 def main() -> None:

@@ -55,3 +55,21 @@ def test_variant_labels(quality):
     assert quality.variant(Mosaic()) == "mosaic-M5-published"
     assert quality.variant(Mosaic(threshold=3, offset="centred")) == "mosaic-M3-centred"
     assert quality.variant(OWL()) == "owl"
+
+
+def test_an_ordering_is_stated_only_where_it_holds_on_every_draw(quality):
+    def cell(allocation, ppl):
+        return {"method": "sparsegpt", "allocation": allocation, "sparsity": 0.7, "pattern": "unstructured",
+                "draws": len(ppl), "seeds": list(range(len(ppl))), "ppl": ppl,
+                "ppl_mean": sum(ppl) / len(ppl)}  # fmt: skip
+
+    cells = [cell("uniform", [180.0, 190.0, 185.0]), cell("owl", [170.0, 175.0, 186.0]),
+             cell("flipped", [160.0, 165.0, 170.0]), cell("published", [175.0, 170.0, 181.0]),
+             cell("one draw", [1.0])]  # fmt: skip
+    chain, held = quality.orderings(cells)
+    # by mean: flipped 165 < published 175.3 ~ owl 177 (owl lower on draw 1) ~ uniform 185 (owl higher on draw 2)
+    assert chain == ("70% unstructured: sparsegpt flipped < sparsegpt published ~ sparsegpt owl ~ sparsegpt uniform")
+    assert held.split(": ", 1)[1].split("; ") == [
+        "sparsegpt flipped < sparsegpt published", "sparsegpt flipped < sparsegpt owl",
+        "sparsegpt flipped < sparsegpt uniform", "sparsegpt published < sparsegpt uniform",
+    ]  # fmt: skip

@@ -206,7 +206,8 @@ def spread(results: list[dict]) -> list[dict]:
         ppl = [r["ppl"] for r in rows]
         out.append({
             "method": rows[0]["method"], "allocation": rows[0]["variant"], "sparsity": rows[0]["sparsity"],
-            "pattern": rows[0]["pattern"], "draws": len(rows), "seeds": [r["seed"] for r in rows],
+            "pattern": rows[0]["pattern"], "sequential": rows[0].get("sequential"),
+            "true_sequential": rows[0].get("true_sequential"), "draws": len(rows), "seeds": [r["seed"] for r in rows],
             "ppl": ppl, "ppl_mean": sum(ppl) / len(ppl), "ppl_min": min(ppl), "ppl_max": max(ppl),
             "prune_s": [r["prune_s"] for r in rows], "wall_s": [r["wall_s"] for r in rows],
         })  # fmt: skip
@@ -253,7 +254,9 @@ def orderings(cells: list[dict]) -> list[str]:
 
 
 def _label(cell: dict) -> str:
-    return f"{cell['method']} {cell['allocation']}"
+    order = " true-sequential" if cell.get("true_sequential") else ""
+    order += " one-pass" if cell.get("sequential") is False else ""
+    return f"{cell['method']} {cell['allocation']}{order}"
 
 
 def _lower_on_every_draw(lower: dict, higher: dict) -> bool:

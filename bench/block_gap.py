@@ -41,14 +41,16 @@ def block_outputs(model, ids: torch.Tensor) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def relative_errors(dense, pruned, batches: list[torch.Tensor]) -> dict[str, list[float]]:
-    """Per block, against the dense model's residual stream: ``summed``, squared distance over squared norm with
-    both summed over all tokens (dominated by the few tokens that carry massive activations), and ``per_token``,
-    each token's own ratio averaged over the tokens."""
+def relative_errors(
+    dense_outputs: list[list[torch.Tensor]], pruned, batches: list[torch.Tensor]
+) -> dict[str, list[float]]:
+    """Per block, against the dense model's residual stream (``dense_outputs``: :func:`block_outputs` of each batch):
+    ``summed``, squared distance over squared norm with both summed over all tokens (dominated by the few tokens
+    that carry massive activations), and ``per_token``, each token's own ratio averaged over the tokens."""
     summed: list[list[float]] = []
     per_token: list[list[float]] = []
-    for ids in batches:
-        for block, (want, got) in enumerate(zip(block_outputs(dense, ids), block_outputs(pruned, ids), strict=True)):
+    for ids, dense in zip(batches, dense_outputs, strict=True):
+        for block, (want, got) in enumerate(zip(dense, block_outputs(pruned, ids), strict=True)):
             if block == len(summed):
                 summed.append([0.0, 0.0])
                 per_token.append([0.0, 0.0])
@@ -75,11 +77,13 @@ def main() -> None:
                                                    args.heldout_windows, args.seq_len, args.seed)  # fmt: skip
     dense = load_causal_lm(BUNDLED_MODEL).eval()
     results = {"dense_ppl": perplexity(dense, heldout, progress=False), "methods": {}}
+    dense_outputs = [block_outputs(dense, ids) for ids in heldout]  # once, for every method
+    del dense
     for method in args.methods:
         model = load_causal_lm(BUNDLED_MODEL).eval()
         prune_model(model, calibration, PruningConfig(args.sparsity, method, "uniform"), progress=False)
         results["methods"][method] = {"ppl": perplexity(model, heldout, progress=False),
-                                      "block_error": relative_errors(dense, model, heldout)}  # fmt: skip
+                                      "block_error": relative_errors(dense_outputs, model, heldout)}  # fmt: skip
         print(json.dumps({"method": method, "ppl": results["methods"][method]["ppl"]}), flush=True)
         del model
 

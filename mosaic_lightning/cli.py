@@ -21,7 +21,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .callbacks import CompactOnFitEnd, MosaicPruning
 from .callbacks.compact_on_fit_end import final_model
-from .callbacks.mosaic_pruning import run_before
 from .callbacks.zero_shot import ZeroShotAccuracy
 from .console import TRACEBACK_ENV, one_line, quiet_dependencies, reported_errors, run_summary, weight_bytes
 from .core.assets import local_model_dir
@@ -290,9 +289,9 @@ class _PerplexityBeforeTraining(Callback):
         return pruning is not None and pruning.compact_before_training
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage != "fit" or not self._compacts_early(trainer):
-            return
-        self._undo_hook = run_before(find_callback(trainer, MosaicPruning), "prune", self._score_dense_before_prune)
+        pruning = find_callback(trainer, MosaicPruning)
+        if stage == "fit" and pruning is not None:
+            self._undo_hook = pruning.run_before_dense_prune(self._score_dense_before_prune)
 
     def _score_dense_before_prune(self, *_) -> None:
         self.cli._metrics["ppl_dense"] = self.cli._perplexity("dense perplexity")

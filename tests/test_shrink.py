@@ -159,8 +159,8 @@ def test_uniform_structure_keeps_only_head_counts_the_config_can_state(family, k
     assert outcome.report.achieved_sparsity >= 0.3
 
 
-def _trainer(max_steps: int, pruning: MosaicPruning, tmp_path=None, **kwargs) -> L.Trainer:
-    return L.Trainer(max_steps=max_steps, callbacks=[pruning], logger=False, enable_progress_bar=False,
+def _trainer(max_steps: int, pruning: MosaicPruning, tmp_path=None, extra: tuple = (), **kwargs) -> L.Trainer:
+    return L.Trainer(max_steps=max_steps, callbacks=[pruning, *extra], logger=False, enable_progress_bar=False,
                      enable_model_summary=False, enable_checkpointing=tmp_path is not None,
                      default_root_dir=tmp_path, **kwargs)  # fmt: skip
 
@@ -187,6 +187,38 @@ def test_compaction_happens_before_the_optimizer_is_built(tmp_path):
     module.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=INPUT).logits, module.model(input_ids=INPUT).logits)
+
+
+class _DenseSizeBeforePrune(L.Callback):
+    """What a callback measuring the dense model sees through ``run_before_dense_prune``: here, its size."""
+
+    def __init__(self, pruning: MosaicPruning) -> None:
+        self.pruning = pruning
+        self.sizes: list[int] = []
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.undo = self.pruning.run_before_dense_prune(lambda _, model, *__: self.sizes.append(model.num_parameters()))
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.undo()
+
+
+def test_callbacks_measure_the_dense_model_right_before_the_prune_before_training():
+    torch.manual_seed(0)
+    module = TinyLM(make_llama, lr=1e-3)
+    dense_params = module.model.num_parameters()
+    pruning = _shrinking()
+    probe = _DenseSizeBeforePrune(pruning)
+    _trainer(1, pruning, extra=(probe,)).fit(module, ResumableBatches())
+    assert probe.sizes == [dense_params] and module.model.num_parameters() < dense_params
+    assert "prune" not in vars(pruning)  # unhooked after use
+
+
+def test_a_run_pruning_at_fit_start_hooks_nothing_for_dense_measurements():
+    pruning = MosaicPruning(sparsity=0.3, method="wanda", verbose=False, calibration_dataloader=random_batches())
+    probe = _DenseSizeBeforePrune(pruning)
+    _trainer(1, pruning, extra=(probe,)).fit(TinyLM(make_llama, lr=1e-3), ResumableBatches())
+    assert probe.sizes == [] and "prune" not in vars(pruning)
 
 
 def test_resume_mid_recovery_equals_an_uninterrupted_run(tmp_path):

@@ -177,6 +177,16 @@ class MosaicPruning(L.Callback):
 
         run_before(trainer.strategy, "setup", prune_and_compact)
 
+    def run_before_dense_prune(self, action: Callable[..., None]) -> Callable[[], None]:
+        """For callbacks that measure the dense model (call it from their ``setup``): make the prune of a fresh
+        ``compact_before_training`` run call ``action(trainer, model, sparsity, batches)`` first, on the dense
+        model as the strategy will see it. Returns the undo to call in ``on_fit_start`` (a resumed run is
+        compacted from its checkpoint and never prunes). Any other run prunes at or after fit start, where the
+        callback measures the dense model itself: nothing is hooked."""
+        if not self.compact_before_training or self.compacted:
+            return lambda: None
+        return run_before(self, "prune", action)
+
     def _check_before_work(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The refusals of a ``compact_before_training`` run: its strategy, and a size target out of reach. It
         builds the model. It runs in ``setup``, before any callback's work on the dense model: those (dense

@@ -14,7 +14,7 @@ from ..core.consolidate import consolidated_copy
 from ..core.zero import is_partitioned
 from ..evaluation.zero_shot import check_task_options, task_manager, zero_shot_accuracy
 from ..trainer_access import causal_lm, find_callback
-from .mosaic_pruning import MosaicPruning, run_before
+from .mosaic_pruning import MosaicPruning
 
 
 class ZeroShotAccuracy(Callback):
@@ -40,8 +40,8 @@ class ZeroShotAccuracy(Callback):
         start, after any checkpoint is restored, so its dense model is scored right before that prune. A resumed
         run is compacted from its checkpoint without a prune, and its dense scores come with the checkpoint."""
         pruning = find_callback(trainer, MosaicPruning)
-        if stage == "fit" and pruning is not None and pruning.compact_before_training and not pruning.compacted:
-            self._undo_hook = run_before(pruning, "prune", self._score_dense_before_prune)
+        if stage == "fit" and pruning is not None:
+            self._undo_hook = pruning.run_before_dense_prune(self._score_dense_before_prune)
 
     def _score_dense_before_prune(self, trainer, model: nn.Module, *_) -> None:
         self._evaluate("dense", trainer, model)

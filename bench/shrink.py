@@ -4,8 +4,8 @@
 
 Every run goes through the CLI with one protocol: ``recipes/shrink-30.yaml``'s data (512-token windows for
 calibration, training and evaluation, batch 4: 2,048 training tokens per step, ``--steps`` steps), its optimizer
-(Adam (0.9, 0.95), lr 1e-4 decaying linearly, clip 1.0) and the same held-out windows (``--eval-windows``, never
-trained on: the last articles of the bundled text). Rows:
+(Adam (0.9, 0.95), lr ``--learning-rate`` (1e-4) decaying linearly, clip 1.0) and the same held-out windows
+(``--eval-windows``, never trained on: the last articles of the bundled text). Rows:
 
   * ``uniform-30``: the shipped recipe (StructPrune units, the same sizes in every layer, plain from_pretrained);
   * ``uniform-30-mlp``: the same with MLP channels only (heads against channels);
@@ -50,13 +50,14 @@ RUNS = {
 }  # fmt: skip
 ONE_SHOT = {f"{name}-{p}": [*RUNS[f"{name}-30"], "--pruning.sparsity", f"0.{p // 10}"]
             for name in ("uniform", "per-layer") for p in (20, 40)}  # fmt: skip
-PROTOCOL = ["--data.seq_len", "512", "--data.batch_size", "4", "--model.learning_rate", "1e-4",
+PROTOCOL = ["--data.seq_len", "512", "--data.batch_size", "4",
             "--model.betas", "[0.9, 0.95]", "--model.lr_schedule", "linear", "--trainer.gradient_clip_val", "1.0"]
 
 
 def _command(name: str, args, work: pathlib.Path, steps: int) -> list[str]:
     recipe = RUNS.get(name) or ONE_SHOT[name]
-    cmd = [sys.executable, "train.py", "fit", *recipe, *PROTOCOL, "--data.max_eval_windows", str(args.eval_windows),
+    cmd = [sys.executable, "train.py", "fit", *recipe, *PROTOCOL, "--model.learning_rate", str(args.learning_rate),
+           "--data.max_eval_windows", str(args.eval_windows),
            "--data.num_calibration_samples", str(args.calibration), "--trainer.max_steps", str(steps),
            "--trainer.logger.class_path", "lightning.pytorch.loggers.CSVLogger",
            "--trainer.logger.init_args.save_dir", str(work / name / "logs"),
@@ -78,7 +79,8 @@ def _train(name: str, args, work: pathlib.Path) -> dict:
                        stderr=subprocess.STDOUT)  # fmt: skip
     wall, rss_kb = timing.read_text().split()[-2:]
     report = json.loads((work / name / "export" / "pruning_report.json").read_text())
-    return {"command": " ".join(cmd[1:]), "train_tokens": steps * TOKENS_PER_STEP, "ppl_dense": report["ppl_dense"],
+    return {"command": " ".join(cmd[1:]), "train_tokens": steps * TOKENS_PER_STEP, "learning_rate": args.learning_rate,
+            "ppl_dense": report["ppl_dense"],
             "ppl_one_shot": report.get("ppl_compacted"), "ppl": report["ppl_pruned"],
             "achieved_sparsity": report["achieved_sparsity"], "structure_kept": _kept(report),
             "run_wall_s": float(wall), "run_peak_rss_mb": int(rss_kb) / 1024,
@@ -143,6 +145,8 @@ def main() -> None:
     parser.add_argument("--val-every", type=int, default=25)
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--calibration", type=int, default=64)
+    parser.add_argument("--learning-rate", type=float, default=1e-4,
+                        help="peak learning rate of the recovered rows (decays linearly to 0 over --steps)")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"from {', '.join([*RUNS, *ONE_SHOT])}")
     parser.add_argument("--repeats", type=int, default=3, help="speed repeats per export")
     parser.add_argument("--measure", default=None, help="rows whose exports are timed, comma-separated (default: all)")

@@ -106,8 +106,10 @@ class ProfileCache:
 
 def configs(args) -> list[PruningConfig]:
     """The suite's rows, narrowed by --allocations / --methods / --sparsities where given; --msp-args replaces
-    the MSP allocation's arguments (JSON)."""
+    the MSP allocation's arguments (JSON); --true-sequential sets that calibration order on every row."""
     rows = _suite(args.suite)
+    if args.true_sequential:
+        rows = [dataclasses.replace(c, true_sequential=True) for c in rows]
     if args.msp_args:
         rows = [dataclasses.replace(c, allocation=MSP(**json.loads(args.msp_args))) if c.allocation.label == "msp"
                 else c for c in rows]  # fmt: skip
@@ -124,7 +126,7 @@ def _suite(suite: str) -> list[PruningConfig]:
     if suite == "allocation":
         return [PruningConfig(s, m, a) for s, a, m in ALLOCATION]
     if suite == "mosaic-variants":
-        sparsities, methods = (0.6, 0.7, 0.8), ("wanda", "sparsegpt")
+        sparsities, methods = (0.5, 0.6, 0.7, 0.8), ("wanda", "sparsegpt")
         return [PruningConfig(s, m, a) for s in sparsities for m in methods for a in ("uniform", "owl")] + [
             PruningConfig(s, m, Mosaic(threshold=t, offset=o)) for s in sparsities for m in methods
             for t, o in MOSAIC_VARIANTS
@@ -266,7 +268,7 @@ def _lower_on_every_draw(lower: dict, higher: dict) -> bool:
     return len(common) > 1 and all(a[seed] < b[seed] for seed in common)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", nargs="*", default=None, help="print the spread table of these JSON files; no run")
     parser.add_argument("--calibration-samples", type=int, default=32)
@@ -283,18 +285,25 @@ def main() -> None:
     parser.add_argument("--allocations", nargs="*", default=None, help="only rows with these allocations")
     parser.add_argument("--methods", nargs="*", default=None, help="only rows with these methods")
     parser.add_argument("--sparsities", nargs="*", type=float, default=None, help="only rows at these sparsities")
+    parser.add_argument("--true-sequential", action="store_true",
+                        help="every row calibrates true-sequentially (each projection from its pruned predecessors)")
     parser.add_argument("--msp-args", default=None, help="MSP arguments as JSON, e.g. '{\"population\": 4}'")
     parser.add_argument("--tasks", nargs="*", default=None,
                         help="lm-eval tasks scored on dense and every row, e.g. social_iqa_local strategyqa_local")
     parser.add_argument("--task-limit", type=int, default=500, help="items per task (lm-eval's limit)")
     parser.add_argument("--out", default="bench/out/quality.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.draws < 1:
+        parser.error(f"--draws={args.draws}; must be >= 1")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.table:
         print(spread_table(args.table))
         return
 
-    if args.draws < 1:
-        parser.error(f"--draws={args.draws}; must be >= 1")
     cpu_start, wall_start = time.process_time(), time.perf_counter()
     torch.manual_seed(0)
     tokenizer = load_tokenizer(BUNDLED_MODEL)

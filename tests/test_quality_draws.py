@@ -73,3 +73,14 @@ def test_an_ordering_is_stated_only_where_it_holds_on_every_draw(quality):
         "sparsegpt flipped < sparsegpt published", "sparsegpt flipped < sparsegpt owl",
         "sparsegpt flipped < sparsegpt uniform", "sparsegpt published < sparsegpt uniform",
     ]  # fmt: skip
+
+
+def test_true_sequential_flag_sets_the_order_on_every_selected_row(quality):
+    def selected(*flags: str) -> list:
+        argv = ["--suite", "mosaic-variants", "--methods", "sparsegpt", "--sparsities", "0.5", *flags]
+        return quality.configs(quality.parse_args(argv))
+
+    default, true_sequential = selected(), selected("--true-sequential")
+    assert [quality.variant(c.allocation) for c in true_sequential] == [quality.variant(c.allocation) for c in default]
+    assert {(c.method.label, c.sparsity) for c in true_sequential} == {("sparsegpt", 0.5)}
+    assert not any(c.true_sequential for c in default) and all(c.true_sequential for c in true_sequential)

@@ -227,7 +227,7 @@ def spread_table(paths: list[str]) -> str:
         data = json.loads(pathlib.Path(path).read_text())
         for c in data["cells"]:
             walls = " / ".join(f"{w:.0f}" for w in c["wall_s"])
-            lines.append(f"| {c['method']} | {c['allocation']} | {c['sparsity']:.0%} | {c['draws']} | "
+            lines.append(f"| {c['method']} | {c['allocation']}{_order(c)} | {c['sparsity']:.0%} | {c['draws']} | "
                          f"{c['ppl_mean']:.2f} | {c['ppl_min']:.2f} | {c['ppl_max']:.2f} | {walls} |")  # fmt: skip
         notes.append(f"{path}: campaign {data['cpu_s']:.0f} s CPU, {data['wall_s']:.0f} s wall")
         cells.extend(data["cells"])
@@ -256,9 +256,13 @@ def orderings(cells: list[dict]) -> list[str]:
 
 
 def _label(cell: dict) -> str:
+    return f"{cell['method']} {cell['allocation']}{_order(cell)}"
+
+
+def _order(cell: dict) -> str:
+    """The calibration order where it is not the default."""
     order = " true-sequential" if cell.get("true_sequential") else ""
-    order += " one-pass" if cell.get("sequential") is False else ""
-    return f"{cell['method']} {cell['allocation']}{order}"
+    return order + (" one-pass" if cell.get("sequential") is False else "")
 
 
 def _lower_on_every_draw(lower: dict, higher: dict) -> bool:

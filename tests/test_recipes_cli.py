@@ -37,6 +37,7 @@ def _fit_recipe(
     ("recipe", "overrides", "method", "allocation"),
     [
         ("mosaic-70", [], "SparseGPT", "Mosaic"),
+        ("owl-70", [], "SparseGPT", "OWL"),
         ("sparsellm-70", ["--pruning.sparsity", "0.8"], "SparseLLM", "uniform"),
         ("sparsellm-70", ["--pruning.allocation", "uniform", "--pruning.sparsity", "0.6"], "SparseLLM", "uniform"),
         ("msp-75", ["--pruning.allocation.init_args.generations", "1"], "wanda", "MSP"),
@@ -49,7 +50,7 @@ def test_recipe_runs_through_the_cli_with_the_acceptance_overrides(tmp_path, tin
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((export / "pruning_report.json").read_text())
     sparsity = float(overrides[overrides.index("--pruning.sparsity") + 1]) if "--pruning.sparsity" in overrides else (
-        {"mosaic-70": 0.7, "sparsellm-70": 0.7, "msp-75": 0.75}[recipe])  # fmt: skip
+        {"mosaic-70": 0.7, "owl-70": 0.7, "sparsellm-70": 0.7, "msp-75": 0.75}[recipe])  # fmt: skip
     assert report["achieved_sparsity"] == pytest.approx(sparsity, abs=1e-3)
     assert report["params_pruned"] == round(sparsity * report["params_targeted"])
     assert all(p["achieved_sparsity"] == p["requested_sparsity"] for p in report["projections"])

@@ -84,3 +84,5 @@ def test_true_sequential_flag_sets_the_order_on_every_selected_row(quality):
     assert [quality.variant(c.allocation) for c in true_sequential] == [quality.variant(c.allocation) for c in default]
     assert {(c.method.label, c.sparsity) for c in true_sequential} == {("sparsegpt", 0.5)}
     assert not any(c.true_sequential for c in default) and all(c.true_sequential for c in true_sequential)
+    with pytest.raises(SystemExit):  # the order suite sets each row's order itself
+        quality.parse_args(["--suite", "order", "--true-sequential"])

@@ -159,7 +159,8 @@ def test_uniform_structure_keeps_only_head_counts_the_config_can_state(family, k
     assert outcome.report.achieved_sparsity >= 0.3
 
 
-def _trainer(max_steps: int, pruning: MosaicPruning, tmp_path=None, extra: tuple = (), **kwargs) -> L.Trainer:
+def _trainer(max_steps: int, pruning: MosaicPruning, tmp_path=None, extra: tuple[L.Callback, ...] = (),
+             **kwargs) -> L.Trainer:
     return L.Trainer(max_steps=max_steps, callbacks=[pruning, *extra], logger=False, enable_progress_bar=False,
                      enable_model_summary=False, enable_checkpointing=tmp_path is not None,
                      default_root_dir=tmp_path, **kwargs)  # fmt: skip

@@ -223,40 +223,45 @@ def spread(results: list[dict]) -> list[dict]:
 
 def spread_table(paths: list[str]) -> str:
     """Markdown: one line per cell of the given JSON files, perplexity mean [min, max] over the draws, wall seconds
-    per draw (prune + held-out perplexity), each file's campaign CPU and wall time, and the orderings that hold on
-    every draw."""
-    lines = ["| method | allocation | sparsity | draws | ppl mean | min | max | wall s per draw |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
-    notes, cells = [], []
+    per draw (prune + held-out perplexity), each file's campaign CPU and wall time and their total, and the
+    orderings that hold on every draw. Cells calibrated on different token counts are never compared."""
+    lines = ["| method | allocation | sparsity | calibration | draws | ppl mean | min | max | wall s per draw |",
+             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
+    notes, cells, cpu_s = [], [], 0.0
     for path in paths:
         data = json.loads(pathlib.Path(path).read_text())
+        calibration = f"{data['args']['calibration_samples']} x {data['args']['seq_len']}"
         for c in data["cells"]:
             walls = " / ".join(f"{w:.0f}" for w in c["wall_s"])
-            lines.append(f"| {c['method']} | {c['allocation']}{_order(c)} | {c['sparsity']:.0%} | {c['draws']} | "
-                         f"{c['ppl_mean']:.2f} | {c['ppl_min']:.2f} | {c['ppl_max']:.2f} | {walls} |")  # fmt: skip
+            lines.append(f"| {c['method']} | {c['allocation']}{_order(c)} | {c['sparsity']:.0%} | {calibration} "
+                         f"| {c['draws']} | {c['ppl_mean']:.2f} | {c['ppl_min']:.2f} | {c['ppl_max']:.2f} "
+                         f"| {walls} |")  # fmt: skip
+            cells.append({**c, "calibration": calibration})
         notes.append(f"{path}: campaign {data['cpu_s']:.0f} s CPU, {data['wall_s']:.0f} s wall")
-        cells.extend(data["cells"])
+        cpu_s += data["cpu_s"]
+    notes.append(f"total: {cpu_s:.0f} s CPU ({cpu_s / 3600:.1f} h) over {len(paths)} file(s)")
     return "\n".join(lines + [""] + notes + [""] + orderings(cells))
 
 
 def orderings(cells: list[dict]) -> list[str]:
-    """Per sparsity and pattern: the cells by mean perplexity, each neighbour pair joined by ``<`` where the lower
-    one is lower on every draw both ran (seeds matched) and by ``~`` where some draw reverses it ("within the
-    spread"); then every pair, neighbours or not, that holds on every draw. Cells of one draw take no part: one
-    draw states no ordering."""
+    """Per sparsity, pattern and calibration size: the cells by mean perplexity, each neighbour pair joined by
+    ``<`` where the lower one is lower on every draw both ran (seeds matched) and by ``~`` where some draw reverses
+    it ("within the spread"); then every pair, neighbours or not, that holds on every draw. Cells of one draw take
+    no part: one draw states no ordering."""
     groups: dict[tuple, list[dict]] = {}
     for c in cells:
         if c["draws"] > 1:
-            groups.setdefault((c["sparsity"], c["pattern"]), []).append(c)
+            groups.setdefault((c["sparsity"], c["pattern"], c.get("calibration", "")), []).append(c)
     lines = []
-    for (sparsity, pattern), group in sorted(groups.items()):
+    for (sparsity, pattern, calibration), group in sorted(groups.items()):
         group.sort(key=lambda c: c["ppl_mean"])
         chain = _label(group[0])
         for lower, higher in zip(group, group[1:], strict=False):
             chain += f" {'<' if _lower_on_every_draw(lower, higher) else '~'} {_label(higher)}"
         held = [f"{_label(a)} < {_label(b)}" for i, a in enumerate(group) for b in group[i + 1 :]
                 if _lower_on_every_draw(a, b)]  # fmt: skip
-        lines += [f"{sparsity:.0%} {pattern}: {chain}", f"  on every draw: {'; '.join(held) or 'none'}"]
+        size = f", {calibration} calibration" if calibration else ""
+        lines += [f"{sparsity:.0%} {pattern}{size}: {chain}", f"  on every draw: {'; '.join(held) or 'none'}"]
     return lines
 
 

@@ -4,6 +4,7 @@ held-out windows the same for every seed; cells aggregate the draws (mean, min, 
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 
 import pytest
@@ -86,3 +87,25 @@ def test_true_sequential_flag_sets_the_order_on_every_selected_row(quality):
     assert not any(c.true_sequential for c in default) and all(c.true_sequential for c in true_sequential)
     with pytest.raises(SystemExit):  # the order suite sets each row's order itself
         quality.parse_args(["--suite", "order", "--true-sequential"])
+
+
+def test_table_never_compares_cells_calibrated_on_different_token_counts(quality, tmp_path):
+    def campaign(name: str, samples: int, cpu_s: float, uniform: list[float], owl: list[float]) -> str:
+        cells = [{"method": "sparsegpt", "allocation": allocation, "sparsity": 0.7, "pattern": "unstructured",
+                  "draws": 3, "seeds": [0, 1, 2], "ppl": ppl, "ppl_mean": sum(ppl) / 3, "ppl_min": min(ppl),
+                  "ppl_max": max(ppl), "wall_s": [1.0, 1.0, 1.0]}
+                 for allocation, ppl in (("uniform", uniform), ("owl", owl))]  # fmt: skip
+        path = tmp_path / name
+        path.write_text(json.dumps({"args": {"calibration_samples": samples, "seq_len": 512}, "cpu_s": cpu_s,
+                                    "wall_s": cpu_s / 2, "cells": cells}))  # fmt: skip
+        return str(path)
+
+    # every 128-window cell is below every 32-window cell; compared across sizes, owl-128 < uniform-32 would hold
+    small = campaign("small.json", 32, 1800.0, uniform=[180.0, 182.0, 184.0], owl=[170.0, 186.0, 168.0])
+    large = campaign("large.json", 128, 5400.0, uniform=[176.0, 177.0, 178.0], owl=[155.0, 161.0, 156.0])
+    text = quality.spread_table([small, large])
+    assert "| sparsegpt | owl | 70% | 128 x 512 | 3 | 157.33 | 155.00 | 161.00 | 1 / 1 / 1 |" in text
+    assert "total: 7200 s CPU (2.0 h) over 2 file(s)" in text
+    assert "70% unstructured, 32 x 512 calibration: sparsegpt owl ~ sparsegpt uniform" in text
+    assert "70% unstructured, 128 x 512 calibration: sparsegpt owl < sparsegpt uniform" in text
+    assert text.count("on every draw: ") == 2 and "on every draw: none" in text

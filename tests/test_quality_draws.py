@@ -100,7 +100,7 @@ def test_table_never_compares_cells_calibrated_on_different_token_counts(quality
                                     "wall_s": cpu_s / 2, "cells": cells}))  # fmt: skip
         return str(path)
 
-    # every 128-window cell is below every 32-window cell; compared across sizes, owl-128 < uniform-32 would hold
+    # compared across sizes, owl at 128 windows would rank below uniform at 32 windows on every draw
     small = campaign("small.json", 32, 1800.0, uniform=[180.0, 182.0, 184.0], owl=[170.0, 186.0, 168.0])
     large = campaign("large.json", 128, 5400.0, uniform=[176.0, 177.0, 178.0], owl=[155.0, 161.0, 156.0])
     text = quality.spread_table([small, large])

@@ -10,6 +10,11 @@ stream, ``||h_l - h_l_dense||^2 / ||h_l_dense||^2`` summed over every token befo
 held-out perplexity; a second figure averages each token's own ratio, since the summed one is dominated by the
 few tokens that carry massive activations. A per-block MLP error (``bench/holdout_error.py``) measures one block
 given its inputs; this measures what the composition has accumulated by that block, which the end-to-end loss sees.
+
+A method written ``BODY+LAST`` (e.g. ``sparsellm+sparsegpt``) prunes every block but the last with ``BODY`` and
+then the last block with ``LAST``, calibrated on the stream the pruned body produces (what a sequential prune of
+that block would see): it tests whether a gap that opens in the last block closes when that block is pruned
+otherwise. Every projection keeps the uniform sparsity either way.
 """
 
 from __future__ import annotations
@@ -40,6 +45,17 @@ def block_outputs(model, ids: torch.Tensor) -> list[torch.Tensor]:
     return outputs
 
 
+def prune(model, calibration: list[torch.Tensor], sparsity: float, method: str) -> None:
+    """Prune ``model`` uniformly with ``method``, or with ``BODY+LAST``: the last block by ``LAST``."""
+    body, _, last = method.partition("+")
+    if not last:
+        prune_model(model, calibration, PruningConfig(sparsity, body, "uniform"), progress=False)
+        return
+    last_block = rf"model\.layers\.{len(model.model.layers) - 1}\..*"
+    prune_model(model, calibration, PruningConfig(sparsity, body, "uniform", exclude=[last_block]), progress=False)
+    prune_model(model, calibration, PruningConfig(sparsity, last, "uniform", targets=[last_block]), progress=False)
+
+
 @torch.no_grad()
 def relative_errors(
     dense_outputs: list[list[torch.Tensor]], pruned, batches: list[torch.Tensor]
@@ -65,7 +81,12 @@ def relative_errors(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsity", type=float, default=0.7)
-    parser.add_argument("--methods", nargs="+", default=["sparsegpt", "sparsellm"])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["sparsegpt", "sparsellm"],
+        help="method names, or BODY+LAST to prune the last block with LAST",
+    )
     parser.add_argument("--calibration-samples", type=int, default=32)
     parser.add_argument("--heldout-windows", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -81,7 +102,7 @@ def main() -> None:
     del dense
     for method in args.methods:
         model = load_causal_lm(BUNDLED_MODEL).eval()
-        prune_model(model, calibration, PruningConfig(args.sparsity, method, "uniform"), progress=False)
+        prune(model, calibration, args.sparsity, method)
         results["methods"][method] = {"ppl": perplexity(model, heldout, progress=False),
                                       "block_error": relative_errors(dense_outputs, model, heldout)}  # fmt: skip
         print(json.dumps({"method": method, "ppl": results["methods"][method]["ppl"]}), flush=True)

@@ -56,6 +56,7 @@ def test_recipe_runs_through_the_cli_with_the_acceptance_overrides(tmp_path, tin
     assert all(p["achieved_sparsity"] == p["requested_sparsity"] for p in report["projections"])
     assert method in json.dumps(report["config"]["method"]) and allocation in json.dumps(report["config"]["allocation"])
     assert report["calibration"]["batches"] == 2  # 8 samples in batches of 4
+    assert report["config"]["true_sequential"] is (recipe == "owl-70")  # the order each recipe states
     if allocation == "MSP":
         assert report["allocation"]["history"] and (export / "allocation_search.png").stat().st_size > 0
     model = AutoModelForCausalLM.from_pretrained(export)

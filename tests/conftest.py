@@ -3,9 +3,12 @@ LightningModule and resumable loader the training tests (and the tests/distribut
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import lightning as L
 import pytest
@@ -113,6 +116,20 @@ def _single_thread(request):
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def load_bench_script(name: str) -> ModuleType:
+    """``bench/<name>.py`` as a module (the bench scripts are not a package); ``bench/`` is on ``sys.path`` while it
+    loads, as when the script runs, so it can import its sibling scripts."""
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    sys.path.insert(0, bench)
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", f"{bench}/{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(bench)
+    return module
 
 
 def random_batches(num: int = 2, batch: int = 2, seq_len: int = SEQ_LEN, seed: int = 1) -> list[torch.Tensor]:

@@ -3,27 +3,14 @@ at the uniform sparsity, the body exactly as the first method alone prunes it.""
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
-
 import pytest
 import torch
-from conftest import make_llama, random_batches
-
-BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench"
+from conftest import load_bench_script, make_llama, random_batches
 
 
 @pytest.fixture(scope="module")
 def block_gap():
-    sys.path.insert(0, str(BENCH))  # block_gap imports its sibling bench/quality.py, as when run as a script
-    try:
-        spec = importlib.util.spec_from_file_location("bench_block_gap", BENCH / "block_gap.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+    return load_bench_script("block_gap")
 
 
 def _weights(model) -> dict[str, torch.Tensor]:

@@ -4,7 +4,6 @@ part that fails is recorded and the run goes on."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_bench_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu.py"
@@ -57,10 +57,7 @@ def test_tiny_cpu_run_exits_0_prints_the_table_and_writes_every_part(tmp_path):
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("gpu_bench", SCRIPT)
-    gpu = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu)
-    return gpu
+    return load_bench_script("gpu")
 
 
 def test_a_failing_part_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, capsys):

@@ -3,25 +3,19 @@ held-out windows the same for every seed; cells aggregate the draws (mean, min, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
 import torch
+from conftest import load_bench_script
 
 from mosaic_lightning.allocation import OWL, Mosaic
 from mosaic_lightning.core.assets import BUNDLED_MODEL, load_tokenizer
 
-BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "quality.py"
-
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("bench_quality", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("quality")
 
 
 def test_calibration_draws_differ_by_seed_and_held_out_windows_do_not(quality):
